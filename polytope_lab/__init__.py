@@ -1,0 +1,16 @@
+"""polytope_lab: provable output bounds for ReLU networks (Wong & Kolter 2018) behind one Bounder interface."""
+from .bounds import Bounder, Bounds, margin_matrix
+from .dual import DualBounder, dual_objective, intermediate_bounds
+from .interval import IntervalBounder, interval_bounds
+from .network import Network, from_torch
+from .regions import L2Ball, LinfBall, Region
+from .training import robust_loss
+
+__all__ = [
+    "Bounder", "Bounds", "margin_matrix",
+    "DualBounder", "dual_objective", "intermediate_bounds",
+    "IntervalBounder", "interval_bounds",
+    "Network", "from_torch",
+    "L2Ball", "LinfBall", "Region",
+    "robust_loss",
+]

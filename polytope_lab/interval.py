@@ -1,0 +1,38 @@
+"""Naive layerwise (interval) bounds: push the input box through each layer as centre ± radius."""
+from __future__ import annotations
+
+import torch
+
+from .bounds import Bounder, Bounds
+from .network import Network
+from .regions import Region
+
+
+def interval_bounds(network: Network, region: Region):
+    """Per-layer (l, u) of every affine output (the last is f), by interval arithmetic."""
+    lo, hi = region.box()
+    center, radius = (hi + lo) / 2, (hi - lo) / 2
+    layers = []
+    for i, a in enumerate(network.affines):
+        center, radius = a.interval(center, radius)
+        l, u = center - radius, center + radius
+        layers.append((l, u))
+        if i < network.n_relu_layers:
+            l, u = l.clamp(min=0), u.clamp(min=0)
+            center, radius = (u + l) / 2, (u - l) / 2
+    return layers
+
+
+class IntervalBounder(Bounder):
+    """Interval bound propagation: the loosest, cheapest sound bound."""
+
+    name = "interval"
+
+    def _bound(self, network, region, C):
+        layers = interval_bounds(network, region)
+        l, u = (t.reshape(t.shape[0], -1) for t in layers[-1])
+        center, radius = (u + l) / 2, (u - l) / 2
+        c = torch.einsum("bmn,bn->bm", C, center)
+        r = torch.einsum("bmn,bn->bm", C.abs(), radius)
+        return Bounds(c - r, c + r, intermediate=layers[:-1], status=["ok"] * region.batch_size,
+                      method="interval")

@@ -1,0 +1,197 @@
+"""Input regions: L∞ balls (optionally intersected with a clip box) and L2 balls, batched.
+
+A region answers two questions the backends ask: its bounding box (interval, big-M, LP variable
+bounds) and its support function ``max_{x' in region} vᵀx'`` (the dual's input term).
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+
+def _as_eps(eps, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """``eps`` (float, 0-d tensor, numpy scalar or (B,) tensor) as a (B,) tensor; checks finiteness and sign."""
+    if isinstance(eps, torch.Tensor):
+        e = eps.detach().to(device=like.device, dtype=like.dtype)
+    elif isinstance(eps, (numbers.Real, np.generic)) or (isinstance(eps, np.ndarray) and eps.ndim == 0):
+        e = torch.tensor(float(eps), device=like.device, dtype=like.dtype)
+    elif isinstance(eps, np.ndarray):
+        e = torch.as_tensor(eps, device=like.device, dtype=like.dtype)
+    else:
+        raise ValueError(f"eps must be a float, a 0-d tensor, a numpy scalar or a (B,) tensor, got {type(eps).__name__}")
+    if e.dim() == 0:
+        e = e.expand(batch)
+    if e.shape != (batch,):
+        raise ValueError(f"eps has shape {tuple(e.shape)}; expected a scalar or one value per example, shape ({batch},)")
+    if not torch.isfinite(e).all():
+        raise ValueError("eps contains NaN or inf")
+    if (e < 0).any():
+        raise ValueError(f"eps must be >= 0, got min {e.min().item():g}")
+    return e
+
+
+def _check_x(x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x), dtype=torch.get_default_dtype())
+    if x.dim() < 2:
+        raise ValueError(f"x must be batched, shape (B, *input_shape); got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        x = x.to(torch.get_default_dtype())
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf")
+    return x.detach()
+
+
+class Region:
+    """Base class: a batch of B convex input sets around ``x`` (shape (B, *input_shape))."""
+
+    x: torch.Tensor
+    eps: torch.Tensor  # (B,)
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.x.shape[1:])
+
+    def box(self):
+        """(lo, hi), each (B, *input_shape): the tightest box containing the region."""
+        raise NotImplementedError
+
+    def support(self, v: torch.Tensor) -> torch.Tensor:
+        """``max_{x' in region_b} v[b, j]ᵀ x'`` for v of shape (B or 1, m, *input_shape) -> (B, m)."""
+        raise NotImplementedError
+
+    def deviation(self, v: torch.Tensor) -> torch.Tensor:
+        """``support(v) - v·center`` (how far the region moves ``vᵀx'``), from v of shape (B or 1, m, n)."""
+        raise NotImplementedError
+
+    @property
+    def center(self) -> torch.Tensor:
+        """Point ``c`` with ``support(v) = vᵀc + deviation(v)``, shape (B, *input_shape)."""
+        raise NotImplementedError
+
+    def select(self, index) -> "Region":
+        """The sub-batch ``index`` (a slice or index tensor)."""
+        raise NotImplementedError
+
+    def to(self, device=None, dtype=None) -> "Region":
+        raise NotImplementedError
+
+    def contains(self, points: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+        """Whether each ``points[b]`` lies in region b, shape (B,)."""
+        raise NotImplementedError
+
+    def project(self, points: torch.Tensor) -> torch.Tensor:
+        """Euclidean projection (L∞: exact clamp) of ``points`` (B, *input_shape) onto the region."""
+        raise NotImplementedError
+
+    def _flat(self, v):
+        return v.reshape(v.shape[0], v.shape[1], -1)
+
+
+class LinfBall(Region):
+    """``{x' : ‖x' − x‖∞ ≤ eps}``, intersected with ``[lo, hi]`` when ``clip=(lo, hi)`` is given."""
+
+    def __init__(self, x, eps, clip=None):
+        self.x = _check_x(x)
+        self.eps = _as_eps(eps, self.x.shape[0], self.x)
+        if clip is not None:
+            lo, hi = (float(c) for c in clip)
+            if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+                raise ValueError(f"clip must be a finite (lo, hi) with lo <= hi, got {clip}")
+            if ((self.x < lo - 1e-12) | (self.x > hi + 1e-12)).any():
+                raise ValueError(f"x lies outside the clip box {clip}")
+            clip = (lo, hi)
+        self.clip = clip
+        e = self.eps.reshape(-1, *([1] * (self.x.dim() - 1)))
+        lo_, hi_ = self.x - e, self.x + e
+        if clip is not None:
+            lo_, hi_ = lo_.clamp(min=clip[0]), hi_.clamp(max=clip[1])
+        self._lo, self._hi = lo_, hi_
+
+    def box(self):
+        return self._lo, self._hi
+
+    @property
+    def center(self):
+        return self.x if self.clip is None else (self._lo + self._hi) / 2
+
+    @property
+    def radius(self) -> torch.Tensor:
+        """Per-coordinate half-width of the box, (B, *input_shape)."""
+        return (self._hi - self._lo) / 2
+
+    def deviation(self, v):
+        v = self._flat(v)
+        if self.clip is None:
+            return self.eps[:, None] * v.abs().sum(-1)
+        rad = self.radius.reshape(self.batch_size, 1, -1)
+        return (v.abs() * rad).sum(-1)
+
+    def support(self, v):
+        c = self.center.reshape(self.batch_size, 1, -1)
+        return (self._flat(v) * c).sum(-1) + self.deviation(v)
+
+    def select(self, index):
+        return LinfBall(self.x[index], self.eps[index], self.clip)
+
+    def to(self, device=None, dtype=None):
+        return LinfBall(self.x.to(device=device, dtype=dtype), self.eps.to(device=device, dtype=dtype), self.clip)
+
+    def contains(self, points, tol=1e-6):
+        p = points.reshape(points.shape[0], -1)
+        return ((p >= self._lo.reshape(p.shape) - tol) & (p <= self._hi.reshape(p.shape) + tol)).all(1)
+
+    def project(self, points):
+        return torch.max(torch.min(points, self._hi), self._lo)
+
+    def __repr__(self):
+        return f"LinfBall(B={self.batch_size}, shape={self.input_shape}, eps={self.eps.tolist()[:4]}, clip={self.clip})"
+
+
+class L2Ball(Region):
+    """``{x' : ‖x' − x‖₂ ≤ eps}``."""
+
+    def __init__(self, x, eps):
+        self.x = _check_x(x)
+        self.eps = _as_eps(eps, self.x.shape[0], self.x)
+        self.clip = None
+
+    def box(self):
+        e = self.eps.reshape(-1, *([1] * (self.x.dim() - 1)))
+        return self.x - e, self.x + e
+
+    @property
+    def center(self):
+        return self.x
+
+    def deviation(self, v):
+        return self.eps[:, None] * self._flat(v).norm(dim=-1)
+
+    def support(self, v):
+        c = self.x.reshape(self.batch_size, 1, -1)
+        return (self._flat(v) * c).sum(-1) + self.deviation(v)
+
+    def select(self, index):
+        return L2Ball(self.x[index], self.eps[index])
+
+    def to(self, device=None, dtype=None):
+        return L2Ball(self.x.to(device=device, dtype=dtype), self.eps.to(device=device, dtype=dtype))
+
+    def contains(self, points, tol=1e-6):
+        d = (points - self.x).reshape(points.shape[0], -1).norm(dim=1)
+        return d <= self.eps + tol
+
+    def project(self, points):
+        d = (points - self.x).reshape(points.shape[0], -1)
+        n = d.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        scale = torch.clamp(self.eps[:, None] / n, max=1.0)
+        return self.x + (d * scale).reshape(points.shape)
+
+    def __repr__(self):
+        return f"L2Ball(B={self.batch_size}, shape={self.input_shape}, eps={self.eps.tolist()[:4]})"
