@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from .bounds import Bounder, Bounds
-from .network import Network
+from . import patches
+from .network import LinearOp, Network
 from .regions import Region
 
 FLOAT_BYTES = 4
@@ -30,18 +31,22 @@ def relu_slopes(l: torch.Tensor, u: torch.Tensor):
     return d, unstable
 
 
-def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, alpha=None):
+def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, alpha=None,
+              frontier=None):
     """Bounds on ``rowsᵀ ẑ`` at the output of affine ``top`` from the dual network (eq. 22–23).
 
     rows: (B, m, *out_shape of affine top). alpha: None for the fixed choice α = u/(u−l), giving
     (lower, upper); or one tensor per ReLU layer below ``top``, (B, m, *shape), giving (lower, None).
+    frontier: a :class:`_Frontier` at some layer s ≤ top (fixed α only): the pass stops at layer s and
+    takes the rest of the dual network from the frontier's precomputed columns.
     """
     B, m = rows.shape[:2]
+    stop = -1 if frontier is None else frontier.layer
     omega = rows  # ω_{k} = c = −ν_k                                        # (B, m, *shape_top)
     J = rows.new_zeros(B, m)        # linear part: Σ ω_{i+1}ᵀ b_i (+ ω̂_1ᵀ x below)
     relu_lo = rows.new_zeros(B, m)  # Σ_{j∈I} l_j [ν_j]_+ for c
     relu_up = rows.new_zeros(B, m)  # the same for −c (fixed α only)
-    for i in range(top, -1, -1):
+    for i in range(top, stop, -1):
         A = network.affines[i]
         J = J + (omega.reshape(B, m, -1) * A.bias().reshape(1, 1, -1)).sum(-1)      # ν_{i+1}ᵀ b_i
         omega_hat = A.transpose(omega.reshape(B * m, *A.out_shape)).reshape(B, m, *A.in_shape)  # ν̂_i = W_iᵀ ν_{i+1}
@@ -50,18 +55,18 @@ def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor
         l, u = bounds[i - 1]
         d, unstable = relu_slopes(l, u)
         d, unstable, l = (t.reshape(B, 1, *A.in_shape) for t in (d, unstable, l))  # (B, 1, *shape_i)
+        lI = torch.where(unstable, l, torch.zeros_like(l))
         if alpha is None:
             omega = d * omega_hat                                                # ν_i = D_i ν̂_i (eq. 26)
-            lI = torch.where(unstable, l, torch.zeros_like(l))
-            relu_lo = relu_lo + (lI * (-omega).clamp(min=0)).reshape(B, m, -1).sum(-1)
             relu_up = relu_up + (lI * omega.clamp(min=0)).reshape(B, m, -1).sum(-1)
         else:
             # eq. 22 in ω: ω = α[ω̂]_+ − u/(u−l)[ω̂]_− on I, d ω̂ elsewhere
             a = alpha[i - 1].reshape(B, m, *A.in_shape)
-            omega_I = a * omega_hat.clamp(min=0) + d * omega_hat.clamp(max=0)
-            omega = torch.where(unstable, omega_I, d * omega_hat)
-            lI = torch.where(unstable, l, torch.zeros_like(l))
-            relu_lo = relu_lo + (lI * (-omega).clamp(min=0)).reshape(B, m, -1).sum(-1)
+            omega = torch.where(unstable, a * omega_hat.clamp(min=0) + d * omega_hat.clamp(max=0), d * omega_hat)
+        relu_lo = relu_lo + (lI * (-omega).clamp(min=0)).reshape(B, m, -1).sum(-1)
+    if frontier is not None:
+        lin, dev, lo, up = frontier.jump(omega.reshape(B, m, -1))
+        return J + lin - dev + relu_lo + lo, J + lin + dev - relu_up - up
     center = (omega_hat.reshape(B, m, -1) * region.center.reshape(B, 1, -1)).sum(-1)  # ω̂_1ᵀ x
     dev = region.deviation(omega_hat)                                                # ε‖ν̂_1‖ (dual norm)
     lower = J + center - dev + relu_lo
@@ -69,103 +74,156 @@ def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor
     return lower, upper
 
 
-class _Forward:
-    """Algorithm 1's forward state at the output of one affine layer (see module docstring)."""
+def _push(A, d, M):
+    """``A·(d ⊙ column)`` for every column of M: (B|1, n, c) with d (B, n) -> (B, n', c)."""
+    if isinstance(A, LinearOp):
+        return torch.matmul(A.weight * d.unsqueeze(1), M)                     # (W D) M: no (B, n, c) temporary
+    B, c = d.shape[0], M.shape[2]
+    cols = (d.unsqueeze(2) * M).transpose(1, 2).reshape(B * c, *A.in_shape)
+    return A.linear(cols).reshape(B, c, -1).transpose(1, 2)
+
+
+class _Frontier:
+    """Algorithm 1's forward state at the output of affine ``layer`` (ẑ_s), in row layout.
+
+    ``h`` (B, n_s): the linearised network run on the region's centre (biases included).
+    ``F`` (B|1, n_s, n_0): ∂ẑ_s/∂x' through the fixed D's (``A_1`` alone is shared by the batch).
+    ``G[j]`` (B, n_s, q_j) and ``lI[j]`` (B, q_j): for ReLU layer j < s, the response to ``d_q e_q`` of
+    each unstable unit q (padded to the batch maximum, l = 0 on padding) and its lower bound.
+    """
 
     def __init__(self, network: Network, region: Region):
         A = network.affines[0]
-        n0 = network.input_size
+        n0, B = network.input_size, region.batch_size
         self.network, self.region, self.layer = network, region, 0
         x = region.x
-        self.h = A.forward(region.center)                                     # (B, *shape_1)
+        self.h = A.forward(region.center).reshape(B, -1)
         eye = torch.eye(n0, device=x.device, dtype=x.dtype).reshape(n0, *network.input_shape)
-        self.F_in = A.linear(eye).unsqueeze(0)                                # (1, n0, *shape_1): A_1·I
-        self.G = []    # per earlier ReLU layer: (B, |I|max, *shape) columns d_q·(response to unit q)
-        self.lI = []   # per earlier ReLU layer: (B, |I|max) l of those units (0 on padding)
+        self.F = A.linear(eye).reshape(n0, -1).t().unsqueeze(0)               # (1, n_1, n0): A_1·I
+        self.G, self.lI, self.slopes = [], [], []
 
     @property
     def columns(self) -> int:
-        return self.F_in.shape[1] + sum(g.shape[1] for g in self.G)
+        return self.F.shape[2] + sum(g.shape[2] for g in self.G)
+
+    def advance_cost(self) -> int:
+        """Multiply-adds per example of :meth:`advance`."""
+        A = self.network.affines[self.layer + 1]
+        convs = self.network.affines[: self.layer + 2]
+        dense = self.columns * A.cost
+        by_patches = patches.cost(convs)
+        if by_patches:
+            dense = by_patches + (self.columns - self.F.shape[2]) * A.cost
+        return dense
 
     def bounds(self):
-        """(l, u) of the current layer's pre-activations, each (B, *shape)."""
-        B = self.h.shape[0]
-        shape = self.h.shape[1:]
-        Fin = self.F_in.reshape(self.F_in.shape[0], self.F_in.shape[1], -1).transpose(1, 2)  # (B|1, n, n0)
-        dev = self.region.deviation(Fin).reshape(B, *shape)
+        """(l, u) of the current layer's pre-activations, each (B, n_s)."""
+        dev = self.region.deviation(self.F)                                     # (B, n_s)
         lower, upper = self.h - dev, self.h + dev
         for G, lI in zip(self.G, self.lI):
-            Gf = G.reshape(B, G.shape[1], -1)                                  # (B, |I|, n)
-            lower = lower + torch.einsum("bq,bqn->bn", lI, (-Gf).clamp(min=0)).reshape(B, *shape)
-            upper = upper - torch.einsum("bq,bqn->bn", lI, Gf.clamp(min=0)).reshape(B, *shape)
+            lower = lower + (lI.unsqueeze(1) * (-G).clamp(min=0)).sum(2)
+            upper = upper - (lI.unsqueeze(1) * G.clamp(min=0)).sum(2)
         return lower, upper
 
+    def jump(self, omega):
+        """The dual terms of the layers at and below the frontier for rows ``omega`` (B, m, n_s).
+
+        Returns (linear, deviation, relu term for the rows, relu term for the negated rows), each (B, m).
+        """
+        lin = (omega * self.h.unsqueeze(1)).sum(2)                              # Σ ν^T b + ν̂_1ᵀ x
+        nu_hat_1 = torch.matmul(omega, self.F)                                  # (B, m, n0)
+        dev = self.region.deviation(nu_hat_1)
+        lo, up = torch.zeros_like(lin), torch.zeros_like(lin)
+        for G, lI in zip(self.G, self.lI):
+            nu_I = torch.matmul(omega, G)                                       # (B, m, q): ν at unstable units
+            lo = lo + (lI.unsqueeze(1) * (-nu_I).clamp(min=0)).sum(2)
+            up = up + (lI.unsqueeze(1) * nu_I.clamp(min=0)).sum(2)
+        return lin, dev, lo, up
+
     def advance(self, l, u):
-        """Apply D (from l, u) and the next affine layer to every column."""
+        """Apply D (from the current layer's l, u) and the next affine layer to every column."""
         self.layer += 1
         A = self.network.affines[self.layer]
-        d, unstable = relu_slopes(l, u)
-        B = d.shape[0]
-
-        def push(cols):  # (B|1, q, *shape) -> (B, q, *next_shape)
-            scaled = d.unsqueeze(1) * cols
-            q = scaled.shape[1]
-            return A.linear(scaled.reshape(B * q, *A.in_shape)).reshape(B, q, *A.out_shape)
-
-        self.h = A.forward(d * self.h)
-        self.F_in = push(self.F_in)
-        self.G = [push(G) for G in self.G]
-        # new columns: d_q e_q for each unstable unit q of this layer, padded to the batch maximum
-        flat_I = unstable.reshape(B, -1)
-        counts = flat_I.sum(1)
+        B = self.h.shape[0]
+        d, unstable = relu_slopes(l.reshape(B, -1), u.reshape(B, -1))
+        self.slopes.append(d)
+        self.h = A.forward((d * self.h).reshape(B, *A.in_shape)).reshape(B, -1)
+        convs = self.network.affines[: self.layer + 1]
+        if patches.cost(convs):
+            self.F = patches.conv_jacobian(convs, [s.reshape(B, *c.out_shape) for s, c in zip(self.slopes, convs)])
+        else:
+            self.F = _push(A, d, self.F)
+        self.G = [_push(A, d, G) for G in self.G]
+        # new columns: A(d_q e_q) for each unstable unit q of this layer, padded to the batch maximum
+        counts = unstable.sum(1)
         q_max = int(counts.max()) if B else 0
         if q_max > 0:
-            order = torch.argsort(flat_I.to(torch.int8), dim=1, descending=True, stable=True)[:, :q_max]
+            order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :q_max]
             valid = torch.arange(q_max, device=d.device)[None, :] < counts[:, None]  # (B, q_max)
-            dI = torch.gather(d.reshape(B, -1), 1, order) * valid
-            lI = torch.gather(l.reshape(B, -1), 1, order) * valid
-            E = d.new_zeros(B, q_max, flat_I.shape[1])
-            E.scatter_(2, order.unsqueeze(2), dI.unsqueeze(2))
-            self.G.append(A.linear(E.reshape(B * q_max, *A.in_shape)).reshape(B, q_max, *A.out_shape))
-            self.lI.append(lI)
+            dI = torch.gather(d, 1, order) * valid
+            self.lI.append(torch.gather(l.reshape(B, -1), 1, order) * valid)
+            self.G.append(_columns(A, order, B * q_max) * dI.unsqueeze(1))
+
+
+def _columns(A, order, budget: int) -> torch.Tensor:
+    """Columns ``order`` (B, q) of A's matrix as (B, n_out, q): a gather from the dense matrix, or A
+    applied to one-hot inputs when that takes fewer operator calls (``budget`` = B·q)."""
+    B, q = order.shape
+    if isinstance(A, LinearOp):
+        return A.weight[:, order].permute(1, 0, 2)
+    n_in = A.in_features
+    ref = A.bias()
+    if n_in <= budget and n_in * A.out_features <= 2 ** 26:
+        eye = torch.eye(n_in, device=ref.device, dtype=ref.dtype).reshape(n_in, *A.in_shape)
+        dense = A.linear(eye).reshape(n_in, -1)                                 # row q = column q of W
+        return dense[order].transpose(1, 2)
+    E = ref.new_zeros(B, q, n_in).scatter(2, order.unsqueeze(2), 1.0)
+    return A.linear(E.reshape(B * q, *A.in_shape)).reshape(B, q, -1).transpose(1, 2)
+
+
+def _plan(network: Network, frontier: _Frontier, i: int) -> bool:
+    """Whether to advance the frontier to layer i (else: backward rows from i down to the frontier)."""
+    A = network.affines[i]
+    s = frontier.layer
+    jump = frontier.F.shape[1] * frontier.columns
+    backward = A.out_features * (sum(a.cost for a in network.affines[s + 1: i + 1]) + jump)
+    return frontier.advance_cost() <= backward
 
 
 def intermediate_bounds(network: Network, region: Region, strategy: str = "auto") -> list:
     """Algorithm 1: (l, u) of every ReLU layer's pre-activations, each (B, *shape), with fixed α.
 
-    ``strategy``: "auto" (cheaper per layer), "forward" or "backward".
+    ``strategy``: "auto" (per layer, the cheaper of advancing the forward frontier and backward rows that
+    jump through it), "forward" (always advance) or "backward" (rows all the way to the input).
+    Returns the bounds and the frontier (None for "backward").
     """
     if strategy not in ("auto", "forward", "backward"):
         raise ValueError(f"strategy must be 'auto', 'forward' or 'backward', got {strategy!r}")
     bounds = []
-    fwd = _Forward(network, region) if strategy != "backward" else None
+    frontier = _Frontier(network, region) if strategy != "backward" else None
+    B = region.batch_size
     for i in range(network.n_relu_layers):
         A = network.affines[i]
-        if fwd is not None and i > 0:
-            l_prev, u_prev = bounds[-1]
-            if strategy == "auto":
-                fwd_cost = fwd.columns * A.cost
-                bwd_cost = A.out_features * sum(a.cost for a in network.affines[: i + 1])
-                if bwd_cost < fwd_cost:
-                    fwd = None
-            if fwd is not None:
-                fwd.advance(l_prev, u_prev)
-        if fwd is not None:
-            l, u = fwd.bounds()
+        if frontier is not None and frontier.layer < i and (strategy == "forward" or _plan(network, frontier, i)):
+            frontier.advance(*bounds[frontier.layer])
+        if frontier is not None and frontier.layer == i:
+            l, u = frontier.bounds()
         else:
-            B, n = region.batch_size, A.out_features
+            n = A.out_features
             eye = torch.eye(n, device=region.x.device, dtype=region.x.dtype).reshape(1, n, *A.out_shape)
-            l, u = _backward(network, region, bounds, eye.expand(B, n, *A.out_shape), i)
-            l, u = l.reshape(B, *A.out_shape), u.reshape(B, *A.out_shape)
-        bounds.append((l, u))
-    return bounds
+            l, u = _backward(network, region, bounds, eye.expand(B, n, *A.out_shape), i, frontier=frontier)
+        bounds.append((l.reshape(B, *A.out_shape), u.reshape(B, *A.out_shape)))
+    return bounds, frontier
 
 
-def dual_objective(network: Network, region: Region, bounds: list, C: torch.Tensor, alpha=None):
-    """``J`` (eq. 23): lower bound of ``C f(x')``, (B, m); with ``alpha=None`` also the upper bound."""
+def dual_objective(network: Network, region: Region, bounds: list, C: torch.Tensor, alpha=None, frontier=None):
+    """``J`` (eq. 23): lower bound of ``C f(x')``, (B, m); with ``alpha=None`` also the upper bound.
+
+    ``frontier`` (from :func:`intermediate_bounds`, fixed α only) shortens the backward pass.
+    """
     top = len(network.affines) - 1
     rows = C.reshape(C.shape[0], C.shape[1], *network.affines[-1].out_shape)
-    return _backward(network, region, bounds, rows, top, alpha)
+    return _backward(network, region, bounds, rows, top, alpha, frontier if alpha is None else None)
 
 
 def optimize_alpha(network, region, bounds, C, steps=20, lr=0.1):
@@ -233,9 +291,9 @@ class DualBounder(Bounder):
         for start in range(0, region.batch_size, step):
             idx = slice(start, start + step)
             sub = region.select(idx)
-            bounds = intermediate_bounds(network, sub, self.strategy)
+            bounds, frontier = intermediate_bounds(network, sub, self.strategy)
             if self.alpha == "fixed":
-                lo, up = dual_objective(network, sub, bounds, C[idx])
+                lo, up = dual_objective(network, sub, bounds, C[idx], frontier=frontier)
             else:
                 both = optimize_alpha(network, sub, bounds, torch.cat([C[idx], -C[idx]], 1), self.steps, self.lr)
                 m = C.shape[1]

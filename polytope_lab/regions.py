@@ -129,7 +129,7 @@ class LinfBall(Region):
     def deviation(self, v):
         v = self._flat(v)
         if self.clip is None:
-            return self.eps[:, None] * v.abs().sum(-1)
+            return self.eps[:, None] * torch.linalg.vector_norm(v, ord=1, dim=-1)
         rad = self.radius.reshape(self.batch_size, 1, -1)
         return (v.abs() * rad).sum(-1)
 
