@@ -76,6 +76,10 @@ def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor
 
 def _push(A, d, M):
     """``A·(d ⊙ column)`` for every column of M: (B|1, n, c) with d (B, n) -> (B, n', c)."""
+    if isinstance(M, patches.PatchRows):
+        if isinstance(A, LinearOp) and M.foldable:
+            return M.left_multiply(A.weight * d.unsqueeze(1))
+        M = M.dense()
     if isinstance(A, LinearOp):
         return torch.matmul(A.weight * d.unsqueeze(1), M)                     # (W D) M: no (B, n, c) temporary
     B, c = d.shape[0], M.shape[2]
@@ -106,6 +110,10 @@ class _Frontier:
     def columns(self) -> int:
         return self.F.shape[2] + sum(g.shape[2] for g in self.G)
 
+    @property
+    def width(self) -> int:
+        return self.F.shape[1]
+
     def advance_cost(self) -> int:
         """Multiply-adds per example of :meth:`advance`."""
         A = self.network.affines[self.layer + 1]
@@ -118,7 +126,8 @@ class _Frontier:
 
     def bounds(self):
         """(l, u) of the current layer's pre-activations, each (B, n_s)."""
-        dev = self.region.deviation(self.F)                                     # (B, n_s)
+        F = self.F
+        dev = F.deviation(self.region) if isinstance(F, patches.PatchRows) else self.region.deviation(F)  # (B, n_s)
         lower, upper = self.h - dev, self.h + dev
         for G, lI in zip(self.G, self.lI):
             lower = lower + (lI.unsqueeze(1) * (-G).clamp(min=0)).sum(2)
@@ -131,7 +140,11 @@ class _Frontier:
         Returns (linear, deviation, relu term for the rows, relu term for the negated rows), each (B, m).
         """
         lin = (omega * self.h.unsqueeze(1)).sum(2)                              # Σ ν^T b + ν̂_1ᵀ x
-        nu_hat_1 = torch.matmul(omega, self.F)                                  # (B, m, n0)
+        F = self.F
+        if isinstance(F, patches.PatchRows):
+            nu_hat_1 = F.left_multiply(omega) if F.foldable else torch.matmul(omega, F.dense())
+        else:
+            nu_hat_1 = torch.matmul(omega, F)                                   # (B, m, n0)
         dev = self.region.deviation(nu_hat_1)
         lo, up = torch.zeros_like(lin), torch.zeros_like(lin)
         for G, lI in zip(self.G, self.lI):
@@ -185,7 +198,7 @@ def _plan(network: Network, frontier: _Frontier, i: int) -> bool:
     """Whether to advance the frontier to layer i (else: backward rows from i down to the frontier)."""
     A = network.affines[i]
     s = frontier.layer
-    jump = frontier.F.shape[1] * frontier.columns
+    jump = frontier.width * frontier.columns
     backward = A.out_features * (sum(a.cost for a in network.affines[s + 1: i + 1]) + jump)
     return frontier.advance_cost() <= backward
 
@@ -277,9 +290,11 @@ class DualBounder(Bounder):
         self.strategy, self.steps, self.lr = strategy, steps, lr
 
     def chunk_size(self, network: Network, batch: int) -> int:
-        """Examples per chunk so that the largest column/row block stays under ``max_memory``."""
-        widest = max(a.in_features for a in network.affines)
-        per_example = FLOAT_BYTES * widest * (network.input_size + sum(a.out_features for a in network.affines))
+        """Examples per chunk so that the per-example blocks (rows or columns of the dual network,
+        at most ``max width × (n_0 + Σ n_i)`` floats) stay under ``max_memory``."""
+        sizes = [a.out_features for a in network.affines]
+        widest = max(sizes[1:] or sizes)
+        per_example = FLOAT_BYTES * widest * (network.input_size + sum(sizes))
         return max(1, min(batch, int(self.max_memory // max(per_example, 1))))
 
     def _bound(self, network, region, C):

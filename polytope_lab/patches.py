@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .network import Conv2dOp
+from .network import Conv2dOp, _numel
+from .regions import L2Ball, LinfBall, Region
 
 MAX_TRANSFER = 2 ** 24  # entries of a patch-to-patch matrix before we stop using patches
 
@@ -78,6 +79,61 @@ def _unfold(t: torch.Tensor, k: int, s: int, p: int, out_hw) -> torch.Tensor:
     return cols.reshape(B, C * k * k, oh * ow).transpose(1, 2)
 
 
+class PatchRows:
+    """Rows of a conv-chain Jacobian (B, n_top, n_0) kept as receptive-field patches.
+
+    ``P`` (B, c_top, L, C0·K·K): row (c, loc) restricted to the K×K window at ``loc·S − pad`` of the
+    input; entries falling outside the input are kept in ``P`` and dropped by every method.
+    """
+
+    def __init__(self, P, in_shape, k, s, p, out_hw):
+        self.P, self.in_shape, self.k, self.s, self.p, self.out_hw = P, tuple(in_shape), k, s, p, tuple(out_hw)
+        self.shape = (P.shape[0], P.shape[1] * P.shape[2], _numel(in_shape))
+
+    def window(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (B|1, *in_shape) read through every row's window: (B|1, 1, L, C0·K·K), zero outside."""
+        return _unfold(t, self.k, self.s, self.p, self.out_hw).unsqueeze(1)
+
+    def deviation(self, region: Region) -> torch.Tensor:
+        """``region.deviation`` of every row, (B, n_top)."""
+        B = region.batch_size
+        if isinstance(region, L2Ball):
+            inside = self.window(region.x.new_ones(1, *self.in_shape))
+            return region.eps[:, None] * (self.P.square() * inside).sum(-1).sqrt().reshape(B, -1)
+        if not isinstance(region, LinfBall):
+            return region.deviation(self.dense())
+        if region.clip is None:
+            inside = self.window(region.x.new_ones(1, *self.in_shape))
+            return region.eps[:, None] * (self.P.abs() * inside).sum(-1).reshape(B, -1)
+        return (self.P.abs() * self.window(region.radius)).sum(-1).reshape(B, -1)
+
+    def left_multiply(self, M: torch.Tensor) -> torch.Tensor:
+        """``M @ rows`` for M (B, m, n_top): (B, m, n_0), one small product per window, then summed
+        into the input by ``fold`` (which drops what falls outside)."""
+        B, m = M.shape[:2]
+        c_top, L, kk = self.P.shape[1:]
+        C0, H, W = self.in_shape
+        per_loc = torch.matmul(M.reshape(B, m, c_top, L).permute(0, 3, 1, 2), self.P.transpose(1, 2))  # (B, L, m, kk)
+        cols = per_loc.permute(0, 2, 3, 1).reshape(B * m, kk, L)
+        out = F.fold(cols, (H, W), self.k, stride=self.s, padding=self.p)
+        return out.reshape(B, m, -1)
+
+    def dense(self) -> torch.Tensor:
+        """The rows as a dense (B, n_top, n_0) tensor."""
+        B, c_top, L, kk = self.P.shape
+        idx = _scatter_index(self.in_shape, self.k, self.s, self.p, self.out_hw, self.P.device)
+        out = self.P.new_zeros(B, c_top, L, self.shape[2] + 1)
+        out.scatter_(3, idx.expand(B, c_top, *idx.shape), self.P)
+        return out[..., :-1].reshape(B, c_top * L, -1)
+
+    @property
+    def foldable(self) -> bool:
+        """Whether ``fold`` sees exactly our grid of windows (else ``left_multiply`` needs ``dense``)."""
+        H, W = self.in_shape[1:]
+        grid = ((H + 2 * self.p - self.k) // self.s + 1, (W + 2 * self.p - self.k) // self.s + 1)
+        return grid == self.out_hw
+
+
 def _scatter_index(shape_in, k, s, p, out_hw, device):
     """Flat input index of every patch entry (oh*ow, C*k*k); out-of-range entries point past the end."""
     C, H, W = shape_in
@@ -94,8 +150,8 @@ def _scatter_index(shape_in, k, s, p, out_hw, device):
     return idx.expand(oh, ow, C, k, k).reshape(oh * ow, C * k * k)
 
 
-def conv_jacobian(convs, slopes) -> torch.Tensor:
-    """Dense ``W_i D_{i−1} … D_1 W_1`` (B, n_i, n_0) for Conv2dOps ``convs`` and ReLU slopes ``slopes``.
+def conv_jacobian(convs, slopes) -> PatchRows:
+    """``W_i D_{i−1} … D_1 W_1`` (B, n_i, n_0) as patches, for Conv2dOps ``convs`` and ReLU slopes ``slopes``.
 
     ``slopes[j]``: (B, *convs[j].out_shape), the diagonal of D after convs[j], for j < len(convs) − 1.
     """
@@ -111,9 +167,4 @@ def conv_jacobian(convs, slopes) -> torch.Tensor:
         P = P * D.unsqueeze(1)                                                      # (B, c_top, L, C*k*k)
         P = P @ _transfer(conv, k)                                                  # (B, c_top, L, C'*k'*k')
     k, s, p = stages[-1]
-    idx = _scatter_index(convs[0].in_shape, k, s, p, (oh, ow), P.device)           # (L, C0*k*k)
-    n0 = convs[0].in_features
-    P = P.expand(B, c_top, *idx.shape)
-    out = P.new_zeros(B, c_top, oh * ow, n0 + 1)
-    out.scatter_(3, idx.expand(B, c_top, *idx.shape), P)
-    return out[..., :n0].reshape(B, c_top * oh * ow, n0)
+    return PatchRows(P, convs[0].in_shape, k, s, p, (oh, ow))
