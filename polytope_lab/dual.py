@@ -37,8 +37,8 @@ def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor
 
     rows: (B, m, *out_shape of affine top). alpha: None for the fixed choice α = u/(u−l), giving
     (lower, upper); or one tensor per ReLU layer below ``top``, (B, m, *shape), giving (lower, None).
-    frontier: a :class:`_Frontier` at some layer s ≤ top (fixed α only): the pass stops at layer s and
-    takes the rest of the dual network from the frontier's precomputed columns.
+    frontier: a :class:`_Frontier` at some layer s ≤ top: the pass stops at layer s and takes the rest
+    of the dual network (with the fixed α) from the frontier's precomputed columns.
     """
     B, m = rows.shape[:2]
     stop = -1 if frontier is None else frontier.layer
@@ -66,7 +66,8 @@ def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor
         relu_lo = relu_lo + (lI * (-omega).clamp(min=0)).reshape(B, m, -1).sum(-1)
     if frontier is not None:
         lin, dev, lo, up = frontier.jump(omega.reshape(B, m, -1))
-        return J + lin - dev + relu_lo + lo, J + lin + dev - relu_up - up
+        upper = None if alpha is not None else J + lin + dev - relu_up - up
+        return J + lin - dev + relu_lo + lo, upper
     center = (omega_hat.reshape(B, m, -1) * region.center.reshape(B, 1, -1)).sum(-1)  # ω̂_1ᵀ x
     dev = region.deviation(omega_hat)                                                # ε‖ν̂_1‖ (dual norm)
     lower = J + center - dev + relu_lo
@@ -232,36 +233,41 @@ def intermediate_bounds(network: Network, region: Region, strategy: str = "auto"
 def dual_objective(network: Network, region: Region, bounds: list, C: torch.Tensor, alpha=None, frontier=None):
     """``J`` (eq. 23): lower bound of ``C f(x')``, (B, m); with ``alpha=None`` also the upper bound.
 
-    ``frontier`` (from :func:`intermediate_bounds`, fixed α only) shortens the backward pass.
+    ``frontier`` (from :func:`intermediate_bounds`) shortens the backward pass; with it, only the α of
+    the ReLU layers above the frontier are used (those below keep the fixed choice).
     """
     top = len(network.affines) - 1
     rows = C.reshape(C.shape[0], C.shape[1], *network.affines[-1].out_shape)
-    return _backward(network, region, bounds, rows, top, alpha, frontier if alpha is None else None)
+    return _backward(network, region, bounds, rows, top, alpha, frontier)
 
 
-def optimize_alpha(network, region, bounds, C, steps=20, lr=0.1):
+def optimize_alpha(network, region, bounds, C, steps=20, lr=0.2, frontier=None):
     """Projected gradient ascent on α ∈ [0,1] (one α per objective row); returns the best J seen.
 
     Starts from the fixed choice α = u/(u−l); every iterate is a valid dual point, so every J is a
-    sound lower bound and the best one is kept per row.
+    sound lower bound and the best one is kept per row. With a ``frontier`` only the ReLU layers above
+    it are optimised (each step is then a short backward pass).
     """
     bounds = [(l.detach(), u.detach()) for l, u in bounds]
     m = C.shape[1]
-    alpha = [relu_slopes(l, u)[0].unsqueeze(1).expand(l.shape[0], m, *l.shape[1:]).clone().requires_grad_(True)
-             for l, u in bounds]
-    opt = torch.optim.Adam(alpha, lr=lr)
+    first = 0 if frontier is None else frontier.layer
+    alpha = [relu_slopes(l, u)[0].unsqueeze(1).expand(l.shape[0], m, *l.shape[1:]).clone().requires_grad_(j >= first)
+             for j, (l, u) in enumerate(bounds)]
+    free = [a for a in alpha if a.requires_grad]
+    opt = torch.optim.Adam(free, lr=lr) if free else None
     best = None
-    for _ in range(steps + 1):
+    for step in range(steps + 1):
         with torch.enable_grad():
-            J, _ = dual_objective(network, region, bounds, C, alpha)
+            J, _ = dual_objective(network, region, bounds, C, alpha, frontier)
         best = J.detach() if best is None else torch.maximum(best, J.detach())
-        if _ == steps:
+        if step == steps or opt is None:
             break
-        opt.zero_grad()
-        (-J.sum()).backward()
+        grads = torch.autograd.grad(-J.sum(), free)  # α only: never touches the model's .grad
+        for a, g in zip(free, grads):
+            a.grad = g
         opt.step()
         with torch.no_grad():
-            for a in alpha:
+            for a in free:
                 a.clamp_(0.0, 1.0)
     return best
 
@@ -278,12 +284,13 @@ class DualBounder(Bounder):
     Options: ``alpha`` "fixed" (Algorithm 1's α = u/(u−l)) or "optimized" (projected gradient ascent on
     the final layer's α, ``steps``/``lr``); ``device`` (default: CUDA if available, else CPU);
     ``max_memory`` bytes per chunk of examples (chunking bounds peak memory, results are unchanged);
-    ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds.
+    ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds. Results carry no gradient: use
+    :func:`polytope_lab.robust_loss` or :func:`dual_objective` to differentiate through the bound.
     """
 
     name = "dual"
 
-    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 30, strategy="auto", steps=20, lr=0.1):
+    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 30, strategy="auto", steps=20, lr=0.2):
         if alpha not in ("fixed", "optimized"):
             raise ValueError(f"alpha must be 'fixed' or 'optimized', got {alpha!r}")
         self.alpha, self.device, self.max_memory = alpha, device, max_memory
@@ -306,15 +313,17 @@ class DualBounder(Bounder):
         for start in range(0, region.batch_size, step):
             idx = slice(start, start + step)
             sub = region.select(idx)
-            bounds, frontier = intermediate_bounds(network, sub, self.strategy)
+            with torch.no_grad():
+                bounds, frontier = intermediate_bounds(network, sub, self.strategy)
             if self.alpha == "fixed":
-                lo, up = dual_objective(network, sub, bounds, C[idx], frontier=frontier)
+                with torch.no_grad():
+                    lo, up = dual_objective(network, sub, bounds, C[idx], frontier=frontier)
             else:
                 both = optimize_alpha(network, sub, bounds, torch.cat([C[idx], -C[idx]], 1), self.steps, self.lr)
                 m = C.shape[1]
                 lo, up = both[:, :m], -both[:, m:]
-            lowers.append(lo)
-            uppers.append(up)
+            lowers.append(lo.detach())
+            uppers.append(up.detach())
             layers.append(bounds)
         intermediate = [tuple(torch.cat([ch[j][k] for ch in layers]).to(out_device) for k in range(2))
                         for j in range(network.n_relu_layers)]
