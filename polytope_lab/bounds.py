@@ -58,8 +58,14 @@ class Bounder:
         if not isinstance(region, Region):
             raise ValueError(f"region must be a LinfBall or L2Ball, got {type(region).__name__}")
         network = as_network(model, region.input_shape)
+        if region.x.dtype != network.dtype:  # bounds are computed in the network's precision
+            region = region.to(dtype=network.dtype)
         C = check_objective(C, network, region)
         start = time.perf_counter()
+        if region.batch_size == 0:
+            empty = C.new_zeros(0, C.shape[1])
+            layers = [(C.new_zeros(0, *a.out_shape),) * 2 for a in network.affines[:-1]]
+            return Bounds(empty, empty.clone(), layers, [], time.perf_counter() - start, self.name)
         out = self._bound(network, region, C)
         out.seconds = time.perf_counter() - start
         return out

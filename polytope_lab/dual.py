@@ -259,10 +259,10 @@ def optimize_alpha(network, region, bounds, C, steps=20, lr=0.2, frontier=None):
     for step in range(steps + 1):
         with torch.enable_grad():
             J, _ = dual_objective(network, region, bounds, C, alpha, frontier)
-        best = J.detach() if best is None else torch.maximum(best, J.detach())
-        if step == steps or opt is None:
-            break
-        grads = torch.autograd.grad(-J.sum(), free)  # α only: never touches the model's .grad
+            best = J.detach() if best is None else torch.maximum(best, J.detach())
+            if step == steps or opt is None:
+                break
+            grads = torch.autograd.grad(-J.sum(), free)  # α only: never touches the model's .grad
         for a, g in zip(free, grads):
             a.grad = g
         opt.step()

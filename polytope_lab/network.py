@@ -74,15 +74,20 @@ class Affine(ABC):
 
 
 class LinearOp(Affine):
-    """Dense layer ``W x + b``; flattens its input."""
+    """Dense layer ``W x + b``; flattens its input. ``post``: an eval-BatchNorm folded in (read live)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, in_shape=None):
-        self.weight = weight  # (n_out, n_in)
-        self._bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, in_shape=None, post=None):
+        self._w = weight  # (n_out, n_in)
+        self._b = bias if bias is not None else weight.new_zeros(weight.shape[0])
+        self.post = post
         self.in_shape = tuple(in_shape) if in_shape is not None else (weight.shape[1],)
         self.out_shape = (weight.shape[0],)
         if _numel(self.in_shape) != weight.shape[1]:
             raise ValueError(f"Linear layer expects {weight.shape[1]} inputs but receives shape {self.in_shape}")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._w if self.post is None else self._w * self.post.scale[:, None]
 
     def linear(self, x):
         return x.reshape(x.shape[0], -1) @ self.weight.t()
@@ -91,7 +96,7 @@ class LinearOp(Affine):
         return (y.reshape(y.shape[0], -1) @ self.weight).reshape(y.shape[0], *self.in_shape)
 
     def bias(self):
-        return self._bias
+        return self._b if self.post is None else self._b * self.post.scale + self.post.shift
 
     def interval(self, center, radius):
         c = self.forward(center)
@@ -102,7 +107,7 @@ class LinearOp(Affine):
         return sp.csr_matrix(self.weight.detach().double().cpu().numpy())
 
     def to(self, device=None, dtype=None):
-        return LinearOp(self.weight.to(device=device, dtype=dtype), self._bias.to(device=device, dtype=dtype),
+        return LinearOp(self.weight.to(device=device, dtype=dtype), self.bias().to(device=device, dtype=dtype),
                         self.in_shape)
 
     @property
@@ -113,9 +118,10 @@ class LinearOp(Affine):
 class Conv2dOp(Affine):
     """2-d convolution (groups=1, zero padding, any stride/dilation) on (C, H, W) inputs."""
 
-    def __init__(self, weight, bias, in_shape, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
-        self.weight = weight  # (C_out, C_in, kh, kw)
-        self._bias_c = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    def __init__(self, weight, bias, in_shape, stride=(1, 1), padding=(0, 0), dilation=(1, 1), post=None):
+        self._w = weight  # (C_out, C_in, kh, kw)
+        self._b = bias if bias is not None else weight.new_zeros(weight.shape[0])
+        self.post = post
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
         self.in_shape = tuple(in_shape)
         c_in, h, w = self.in_shape
@@ -132,6 +138,14 @@ class Conv2dOp(Affine):
             size - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
             for size, o, s, p, d, k in zip((h, w), (oh, ow), self.stride, self.padding, self.dilation, (kh, kw)))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._w if self.post is None else self._w * self.post.scale.reshape(-1, 1, 1, 1)
+
+    @property
+    def channel_bias(self) -> torch.Tensor:
+        return self._b if self.post is None else self._b * self.post.scale + self.post.shift
+
     def linear(self, x):
         return F.conv2d(x.reshape(x.shape[0], *self.in_shape), self.weight, None,
                         self.stride, self.padding, self.dilation)
@@ -145,7 +159,7 @@ class Conv2dOp(Affine):
         return out.contiguous()
 
     def bias(self):
-        return self._bias_c.reshape(-1, 1, 1).expand(self.out_shape)
+        return self.channel_bias.reshape(-1, 1, 1).expand(self.out_shape)
 
     def interval(self, center, radius):
         c = self.forward(center)
@@ -168,7 +182,7 @@ class Conv2dOp(Affine):
         return sp.hstack(blocks).tocsr()
 
     def to(self, device=None, dtype=None):
-        return Conv2dOp(self.weight.to(device=device, dtype=dtype), self._bias_c.to(device=device, dtype=dtype),
+        return Conv2dOp(self.weight.to(device=device, dtype=dtype), self.channel_bias.to(device=device, dtype=dtype),
                         self.in_shape, self.stride, self.padding, self.dilation)
 
     @property
@@ -177,12 +191,24 @@ class Conv2dOp(Affine):
 
 
 class ChannelAffineOp(Affine):
-    """Per-channel scale and shift (eval-mode BatchNorm when no linear layer precedes it)."""
+    """Per-channel (dim 0 of the shape) scale and shift: eval-mode BatchNorm.
 
-    def __init__(self, scale, shift, in_shape):
-        self.scale, self.shift = scale, shift  # (C,)
+    Built from a BatchNorm, ``source`` returns (scale, shift) and is called on every use, so the
+    layer's parameters and running statistics are read live, like the other operators' weights.
+    """
+
+    def __init__(self, scale, shift, in_shape, source=None):
+        self.source = source if source is not None else (lambda: (scale, shift))
         self.in_shape = self.out_shape = tuple(in_shape)
         self._view = (-1,) + (1,) * (len(self.in_shape) - 1)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.source()[0]
+
+    @property
+    def shift(self) -> torch.Tensor:
+        return self.source()[1]
 
     def linear(self, x):
         return x.reshape(x.shape[0], *self.in_shape) * self.scale.reshape(self._view)
@@ -427,12 +453,13 @@ def from_torch(model: nn.Module, input_shape) -> Network:
         elif isinstance(layer, (nn.Identity,)) or (isinstance(layer, nn.Dropout) and not layer.training):
             continue
         elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            scale, shift = _batchnorm_scale_shift(i, layer)
+            scale, _ = _batchnorm_scale_shift(i, layer)
             if shape[0] != scale.shape[0]:
                 raise ValueError(f"{_describe(i, layer)} has {scale.shape[0]} features but receives shape {shape}")
             if isinstance(layer, nn.BatchNorm1d) and len(shape) != 1:
                 raise ValueError(f"{_describe(i, layer)} needs a flat input but receives shape {shape}")
-            groups[-1].append(ChannelAffineOp(scale, shift, shape))
+            live = (lambda i=i, layer=layer: _batchnorm_scale_shift(i, layer))
+            groups[-1].append(ChannelAffineOp(None, None, shape, source=live))
         else:
             raise _unsupported(i, layer)
     if not groups[-1]:  # trailing ReLU: output is ReLU(...) = identity after it
@@ -444,18 +471,16 @@ def from_torch(model: nn.Module, input_shape) -> Network:
 
 
 def _fold(parts):
-    """Fold eval-BatchNorm into the preceding Linear/Conv2d when possible, then compose what is left."""
+    """Fold an eval-BatchNorm into the Linear/Conv2d right before it (same shape), then compose the rest."""
     out = []
     for p in parts:
         prev = out[-1] if out else None
-        if isinstance(p, ChannelAffineOp) and isinstance(prev, (LinearOp, Conv2dOp)):
-            view = (-1,) + (1,) * (prev.weight.dim() - 1)
-            w = prev.weight * p.scale.reshape(view)
+        if (isinstance(p, ChannelAffineOp) and isinstance(prev, (LinearOp, Conv2dOp)) and prev.post is None
+                and p.in_shape == prev.out_shape):
             if isinstance(prev, LinearOp):
-                out[-1] = LinearOp(w, prev.bias() * p.scale + p.shift, prev.in_shape)
+                out[-1] = LinearOp(prev._w, prev._b, prev.in_shape, post=p)
             else:
-                out[-1] = Conv2dOp(w, prev._bias_c * p.scale + p.shift, prev.in_shape, prev.stride,
-                                   prev.padding, prev.dilation)
+                out[-1] = Conv2dOp(prev._w, prev._b, prev.in_shape, prev.stride, prev.padding, prev.dilation, post=p)
         else:
             out.append(p)
     return out[0] if len(out) == 1 else ComposedOp(out)

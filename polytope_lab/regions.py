@@ -41,7 +41,7 @@ def _check_x(x) -> torch.Tensor:
         x = x.to(torch.get_default_dtype())
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or inf")
-    return x.detach()
+    return x.detach().clone()  # the region must not change when the caller's x does
 
 
 class Region:

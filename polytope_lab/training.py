@@ -21,6 +21,8 @@ def robust_loss(model, eps, X, y, clip=None, reduction="mean", region=None):
     if region is None:
         region = LinfBall(X, eps, clip=clip)
     network = as_network(model, region.input_shape)
+    if region.x.dtype != network.dtype:
+        region = region.to(dtype=network.dtype)
     y = torch.as_tensor(y, device=region.x.device).long()
     n = network.output_size
     C = torch.eye(n, device=region.x.device, dtype=region.x.dtype)

@@ -1,0 +1,309 @@
+"""Shared helpers and fixtures for the polytope_lab test suite.
+
+* random networks (MLPs and small convnets) built under ``torch.manual_seed``;
+* ``bounder_factories``: every registered backend (``Bounder.available()``) with its option variants, so a
+  backend that registers itself later (``lp``, ``milp``) joins the contract suite automatically;
+* samplers and a small PGD attack over a region, used to check that bounds are sound;
+* the real MNIST test set and the pretrained Wong–Kolter model (skipped when the environment variables
+  ``POLYTOPE_LAB_DATA`` / ``POLYTOPE_LAB_MODELS`` are unset).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import itertools
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import polytope_lab as pl
+
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads(request):
+    """One intra-op thread for ordinary tests (their networks are tiny: threading only adds overhead,
+    5-15x on a loaded 2-core machine); every core for tests marked slow. Overrides:
+    POLYTOPE_LAB_TEST_THREADS, POLYTOPE_LAB_SLOW_THREADS."""
+    before = torch.get_num_threads()
+    if request.node.get_closest_marker("slow"):
+        n = int(os.environ.get("POLYTOPE_LAB_SLOW_THREADS", str(_DEFAULT_THREADS)))
+    else:
+        n = int(os.environ.get("POLYTOPE_LAB_TEST_THREADS", "1"))
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
+#: multiplies every hypothesis test's example count (e.g. POLYTOPE_LAB_TEST_SCALE=20 for a thorough run)
+TEST_SCALE = float(os.environ.get("POLYTOPE_LAB_TEST_SCALE", "1"))
+
+
+def n_examples(n: int) -> int:
+    return max(1, int(round(n * TEST_SCALE)))
+
+
+# --------------------------------------------------------------------------------------------------
+# bounders
+# --------------------------------------------------------------------------------------------------
+
+#: option variants per registered bounder name: (test id, options). Names not listed run once with
+#: default options under their own name.
+BOUNDER_VARIANTS = {
+    "interval": [("interval", {})],
+    "dual": [
+        ("dual", {}),
+        ("dual-optimized", {"alpha": "optimized", "steps": 10}),
+        ("dual-backward", {"strategy": "backward"}),
+        ("dual-forward", {"strategy": "forward"}),
+    ],
+}
+
+
+def _bounder_factories():
+    out = []
+    for name in pl.Bounder.available():
+        for test_id, options in BOUNDER_VARIANTS.get(name, [(name, {})]):
+            out.append((test_id, functools.partial(pl.Bounder.create, name, **options)))
+    return out
+
+
+#: [(id, factory)]: ``factory()`` returns a fresh Bounder.
+bounder_factories = _bounder_factories()
+
+
+# --------------------------------------------------------------------------------------------------
+# random networks
+# --------------------------------------------------------------------------------------------------
+
+
+def make_mlp(sizes, seed=0, dtype=torch.float64):
+    """Linear-ReLU-...-Linear with layer widths ``sizes`` (input first), default init under ``seed``."""
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).to(dtype).eval()
+
+
+def make_convnet(in_shape=(1, 6, 6), channels=(3, 4), n_out=3, seed=0, dtype=torch.float64):
+    """Conv(k3,s1,p1)-ReLU-Conv(k3,s2,p1)-ReLU-Flatten-Linear on ``in_shape`` inputs."""
+    torch.manual_seed(seed)
+    c, h, w = in_shape
+    c1, c2 = channels
+    conv1 = nn.Conv2d(c, c1, 3, stride=1, padding=1)
+    conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+    h2, w2 = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    model = nn.Sequential(conv1, nn.ReLU(), conv2, nn.ReLU(), nn.Flatten(), nn.Linear(c2 * h2 * w2, n_out))
+    return model.to(dtype).eval()
+
+
+def random_inputs(input_shape, batch=3, seed=1, dtype=torch.float64, low=0.0, high=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return low + (high - low) * torch.rand(batch, *input_shape, generator=g, dtype=dtype)
+
+
+def output_of(model, x):
+    """``f(x)`` flattened to (N, n_out)."""
+    with torch.no_grad():
+        return model(x).reshape(x.shape[0], -1)
+
+
+def apply_C(C, f):
+    """``C f`` for C (m, n) or (B, m, n) and f (B, n) -> (B, m)."""
+    C = torch.as_tensor(C, dtype=f.dtype)
+    if C.dim() == 2:
+        return f @ C.t()
+    return torch.einsum("bmn,bn->bm", C, f)
+
+
+# --------------------------------------------------------------------------------------------------
+# points in a region and a small attack
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_region(region, n, seed=0, vertices=True):
+    """``n`` points per example in ``region``: (n, B, *input_shape). For an L∞ ball (∩ clip) uniform
+    points plus random vertices of the box (and all vertices when there are at most 64); for an L2 ball
+    uniform points in the ball plus points on its sphere."""
+    g = torch.Generator().manual_seed(seed)
+    x = region.x
+    B, shape = x.shape[0], x.shape[1:]
+    d = int(np.prod(shape))
+    dt = x.dtype
+    if isinstance(region, pl.LinfBall):
+        lo, hi = region.box()
+        u = torch.rand(n, B, *shape, generator=g, dtype=dt)
+        pts = [lo + (hi - lo) * u]
+        if vertices:
+            if d <= 6:
+                signs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=d)), dtype=dt)
+                signs = signs.reshape(-1, 1, *shape).expand(-1, B, *shape)
+            else:
+                signs = torch.randint(0, 2, (n, B, *shape), generator=g).to(dt)
+            pts.append(lo + (hi - lo) * signs)
+        return torch.cat(pts)
+    if isinstance(region, pl.L2Ball):
+        eps = region.eps.reshape(1, B, *([1] * len(shape)))
+        v = torch.randn(n, B, d, generator=g, dtype=dt)
+        v = v / v.norm(dim=-1, keepdim=True)
+        r = torch.rand(n, B, 1, generator=g, dtype=dt) ** (1.0 / d)
+        inside = x + eps * (r * v).reshape(n, B, *shape)
+        sphere = x + eps * v.reshape(n, B, *shape) * (1 - 1e-12)
+        return torch.cat([inside, sphere])
+    raise TypeError(type(region))
+
+
+def sampled_values(model, region, C, n=500, seed=0):
+    """``C f(x')`` at sampled ``x'``: (N, B, m)."""
+    pts = sample_region(region, n, seed)
+    N, B = pts.shape[:2]
+    f = output_of(model, pts.reshape(N * B, *pts.shape[2:])).reshape(N, B, -1)
+    if C is None:
+        return f
+    C = torch.as_tensor(C, dtype=f.dtype)
+    if C.dim() == 2:
+        return f @ C.t()
+    return torch.einsum("bmn,Nbn->Nbm", C, f)
+
+
+def pgd_extremes(model, region, C=None, steps=40, restarts=2, seed=0):
+    """Attack every row of ``C f(x')``: returns (min found, max found), each (B, m).
+
+    Sign-gradient steps (L∞) or normalised-gradient steps (L2) projected with ``region.project``, from
+    the centre and from random starts; each (example, row) pair is attacked on its own copy of the
+    region (``region.select`` with repeated indices).
+    """
+    x = region.x
+    B = x.shape[0]
+    with torch.no_grad():
+        n_out = output_of(model, x[:1]).shape[1]
+    if C is None:
+        C = torch.eye(n_out, dtype=x.dtype)
+    C = torch.as_tensor(C, dtype=x.dtype)
+    if C.dim() == 2:
+        C = C.expand(B, *C.shape)
+    m = C.shape[1]
+    idx = torch.arange(B).repeat_interleave(m)
+    rep = region.select(idx)
+    rows = C.reshape(B * m, -1)
+    shape = x.shape[1:]
+    eps = rep.eps.reshape(-1, *([1] * len(shape)))
+    if isinstance(region, pl.LinfBall):
+        lo, hi = rep.box()
+        span = (hi - lo).reshape(B * m, -1).amax(1).reshape(-1, *([1] * len(shape)))
+    else:
+        span = 2 * eps
+    g = torch.Generator().manual_seed(seed)
+    results = []
+    for sign in (+1.0, -1.0):  # +1: minimise, -1: maximise
+        best = torch.full((B * m,), float("inf"), dtype=x.dtype)
+        for r in range(restarts + 1):
+            if r == 0:
+                z = rep.x.clone()
+            else:
+                z = rep.project(rep.x + eps * (2 * torch.rand(rep.x.shape, generator=g, dtype=x.dtype) - 1))
+            for t in range(steps):
+                step = span * (0.5 * (1 - t / steps) + 0.02)
+                z = z.detach().requires_grad_(True)
+                val = sign * (model(z).reshape(B * m, -1) * rows).sum(1)
+                best = torch.minimum(best, val.detach())
+                (grad,) = torch.autograd.grad(val.sum(), z)
+                with torch.no_grad():
+                    if isinstance(region, pl.LinfBall):
+                        z = z - step * grad.sign()
+                    else:
+                        gn = grad.reshape(B * m, -1).norm(dim=1).clamp(min=1e-30)
+                        z = z - step * grad / gn.reshape(-1, *([1] * len(shape)))
+                    z = rep.project(z)
+            with torch.no_grad():
+                val = sign * (model(z).reshape(B * m, -1) * rows).sum(1)
+                best = torch.minimum(best, val)
+        results.append(sign * best.reshape(B, m))
+    return results[0], results[1]
+
+
+def assert_within(values, lower, upper, tol=1e-5, what="sampled C f(x')"):
+    """values (..., B, m) within [lower - tol, upper + tol] (B, m) everywhere."""
+    below = (values < lower - tol)
+    above = (values > upper + tol)
+    if below.any() or above.any():
+        worst_lo = (lower - values).max().item()
+        worst_hi = (values - upper).max().item()
+        raise AssertionError(f"{what} escapes the bounds: by {worst_lo:.3g} below lower, {worst_hi:.3g} above upper")
+
+
+# --------------------------------------------------------------------------------------------------
+# real data and the pretrained model
+# --------------------------------------------------------------------------------------------------
+
+MNIST_FILES = {
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+}
+PRETRAINED = "wong_kolter_mnist_eps0.1.pth"
+
+
+def read_idx(path) -> np.ndarray:
+    """Read a gzipped IDX file (big-endian header: 0, 0, type code, ndim; then ndim uint32 sizes)."""
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    zero, code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or code != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (header {zero}, {code:#x})")
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: expected {dims} bytes of data, found {arr.size}")
+    return arr.reshape(dims)
+
+
+def _env_dir(var, what):
+    root = os.environ.get(var)
+    if not root:
+        pytest.skip(f"{var} is not set: point it at the directory holding {what}")
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def mnist_test():
+    """(X, y): the 10,000 MNIST test images as float32 (N, 1, 28, 28) in [0, 1], labels int64."""
+    d = _env_dir("POLYTOPE_LAB_DATA", "mnist/ (the four MNIST IDX .gz files)") / "mnist"
+    paths = [d / MNIST_FILES["test_images"], d / MNIST_FILES["test_labels"]]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        pytest.fail(f"POLYTOPE_LAB_DATA is set but these MNIST files are missing: {missing}")
+    images, labels = (read_idx(p) for p in paths)
+    X = torch.from_numpy(images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return X, y
+
+
+def wong_kolter_mnist_model():
+    """The paper's MNIST ConvNet architecture (untrained)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 100), nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+
+
+@pytest.fixture(scope="session")
+def pretrained_model():
+    """The Wong–Kolter MNIST model trained at eps = 0.1 (CPU, eval mode)."""
+    path = _env_dir("POLYTOPE_LAB_MODELS", PRETRAINED) / PRETRAINED
+    if not path.exists():
+        pytest.fail(f"POLYTOPE_LAB_MODELS is set but {path} does not exist")
+    model = wong_kolter_mnist_model()
+    model.load_state_dict(torch.load(path, map_location="cpu"))
+    return model.eval()
