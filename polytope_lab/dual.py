@@ -6,10 +6,13 @@ In code we propagate ``ω = −ν`` (so ``ω_k = c``): for fixed α this is the 
 backwards, and it gives the lower and upper bound of a row in one pass.
 
 Intermediate bounds (Algorithm 1) are computed layer by layer, per layer with the cheaper of
-- *forward columns*: the input identity and each earlier layer's unstable units pushed forward
-  through the linearised network (reused from layer to layer; ``A_1·I`` is shared by the batch), or
-- *backward rows*: the identity on the layer's units pushed back to the input (eq. 22 with c = ±e_j).
-Both evaluate the same formula, so they agree to rounding.
+- advancing the *forward frontier*: the input identity and each earlier layer's unstable units pushed
+  forward through the linearised network (Algorithm 1's columns, reused from layer to layer; along a
+  chain of convolutions built from receptive-field patches, see ``patches.py``), or
+- *backward rows*: the identity on the layer's units pushed back (eq. 22 with c = ±e_j) until they
+  reach the frontier, whose columns then give the rest of J in one product ("jump").
+The final objective is a backward pass that jumps the same way. Every route evaluates the same
+formula, so they agree to rounding (``strategy="forward"``/``"backward"`` keep the pure routes).
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor
     of the dual network (with the fixed α) from the frontier's precomputed columns.
     """
     B, m = rows.shape[:2]
+    if frontier is not None and frontier.layer == 0:
+        frontier = None  # A_1's own transpose is cheaper than its dense columns
     stop = -1 if frontier is None else frontier.layer
     omega = rows  # ω_{k} = c = −ν_k                                        # (B, m, *shape_top)
     J = rows.new_zeros(B, m)        # linear part: Σ ω_{i+1}ᵀ b_i (+ ω̂_1ᵀ x below)
@@ -199,17 +204,19 @@ def _plan(network: Network, frontier: _Frontier, i: int) -> bool:
     """Whether to advance the frontier to layer i (else: backward rows from i down to the frontier)."""
     A = network.affines[i]
     s = frontier.layer
-    jump = frontier.width * frontier.columns
-    backward = A.out_features * (sum(a.cost for a in network.affines[s + 1: i + 1]) + jump)
+    if s == 0:
+        backward = A.out_features * sum(a.cost for a in network.affines[: i + 1])
+    else:
+        backward = A.out_features * (sum(a.cost for a in network.affines[s + 1: i + 1]) + frontier.width * frontier.columns)
     return frontier.advance_cost() <= backward
 
 
-def intermediate_bounds(network: Network, region: Region, strategy: str = "auto") -> list:
+def intermediate_bounds(network: Network, region: Region, strategy: str = "auto", return_frontier=False):
     """Algorithm 1: (l, u) of every ReLU layer's pre-activations, each (B, *shape), with fixed α.
 
     ``strategy``: "auto" (per layer, the cheaper of advancing the forward frontier and backward rows that
     jump through it), "forward" (always advance) or "backward" (rows all the way to the input).
-    Returns the bounds and the frontier (None for "backward").
+    With ``return_frontier``, also returns the frontier (None for "backward") for :func:`dual_objective`.
     """
     if strategy not in ("auto", "forward", "backward"):
         raise ValueError(f"strategy must be 'auto', 'forward' or 'backward', got {strategy!r}")
@@ -227,7 +234,7 @@ def intermediate_bounds(network: Network, region: Region, strategy: str = "auto"
             eye = torch.eye(n, device=region.x.device, dtype=region.x.dtype).reshape(1, n, *A.out_shape)
             l, u = _backward(network, region, bounds, eye.expand(B, n, *A.out_shape), i, frontier=frontier)
         bounds.append((l.reshape(B, *A.out_shape), u.reshape(B, *A.out_shape)))
-    return bounds, frontier
+    return (bounds, frontier) if return_frontier else bounds
 
 
 def dual_objective(network: Network, region: Region, bounds: list, C: torch.Tensor, alpha=None, frontier=None):
@@ -290,7 +297,7 @@ class DualBounder(Bounder):
 
     name = "dual"
 
-    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 30, strategy="auto", steps=20, lr=0.2):
+    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=20, lr=0.2):
         if alpha not in ("fixed", "optimized"):
             raise ValueError(f"alpha must be 'fixed' or 'optimized', got {alpha!r}")
         self.alpha, self.device, self.max_memory = alpha, device, max_memory
@@ -314,7 +321,7 @@ class DualBounder(Bounder):
             idx = slice(start, start + step)
             sub = region.select(idx)
             with torch.no_grad():
-                bounds, frontier = intermediate_bounds(network, sub, self.strategy)
+                bounds, frontier = intermediate_bounds(network, sub, self.strategy, return_frontier=True)
             if self.alpha == "fixed":
                 with torch.no_grad():
                     lo, up = dual_objective(network, sub, bounds, C[idx], frontier=frontier)

@@ -28,7 +28,7 @@ def robust_loss(model, eps, X, y, clip=None, reduction="mean", region=None):
     C = torch.eye(n, device=region.x.device, dtype=region.x.dtype)
     C = C[y].unsqueeze(1) - C.unsqueeze(0)                          # (B, n, n): rows e_y − e_j, row y = 0
     C = check_objective(C, network, region)
-    bounds, frontier = intermediate_bounds(network, region)
+    bounds, frontier = intermediate_bounds(network, region, return_frontier=True)
     J, _ = dual_objective(network, region, bounds, C, frontier=frontier)
     f = -J                                                          # (B, n): f_j ≥ max (z_j − z_y)
     err = (f.scatter(1, y[:, None], float("-inf")) >= 0).any(1)     # some j ≠ y not provably below y
