@@ -1,0 +1,97 @@
+"""The experiment scripts run end to end and write their tables.
+
+The benchmark (and the demo on the pretrained ConvNet) need the real data and weights: they run when
+POLYTOPE_LAB_DATA (directory holding mnist/) and POLYTOPE_LAB_MODELS (directory holding
+wong_kolter_mnist_eps0.1.pth) are set, and are skipped otherwise.
+"""
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import polytope_lab as pl
+from experiments import benchmark, demo
+
+PRETRAINED = "wong_kolter_mnist_eps0.1.pth"
+DEMO_COLUMNS = ["model", "method", "eps", "images", "mean lower margin", "certified", "seconds"]
+
+
+def real_inputs():
+    data_dir, models_dir = os.environ.get("POLYTOPE_LAB_DATA"), os.environ.get("POLYTOPE_LAB_MODELS")
+    if not data_dir or not models_dir:
+        pytest.skip("POLYTOPE_LAB_DATA and POLYTOPE_LAB_MODELS must be set (real MNIST data and weights)")
+    model = Path(models_dir) / PRETRAINED
+    if not model.is_file():
+        pytest.fail(f"POLYTOPE_LAB_MODELS is set but {model} does not exist")
+    return data_dir, str(model)
+
+
+@pytest.mark.parametrize("module", [demo, benchmark])
+def test_help_exits_cleanly(module, capsys):
+    with pytest.raises(SystemExit) as info:
+        module.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ["--seed", "--device", "--out", "--quick"]:
+        assert option in out
+
+
+def test_demo_writes_its_table(tmp_path, capsys):
+    df = demo.main(["--quick", "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "demo.csv")
+    assert list(table.columns) == DEMO_COLUMNS
+    assert (tmp_path / "demo.md").read_text().startswith("| model | method |")
+    assert set(table["method"]) >= set(pl.Bounder.available()) | {"dual-optimized"}
+    assert len(table) == len(df) and (table["images"] == 3).all()
+    # on the same inputs the dual bound certifies at least what interval bounds certify
+    by_method = table.set_index("method")
+    if "interval" in by_method.index:
+        assert by_method.loc["dual", "certified"] >= by_method.loc["interval", "certified"]
+        assert by_method.loc["dual", "mean lower margin"] >= by_method.loc["interval", "mean lower margin"]
+    assert by_method.loc["dual-optimized", "mean lower margin"] >= by_method.loc["dual", "mean lower margin"] - 1e-5
+    assert "| method |" in capsys.readouterr().out
+
+
+def test_demo_rejects_unknown_backend(tmp_path):
+    with pytest.raises(SystemExit, match="unknown backend"):
+        demo.main(["--quick", "--out", str(tmp_path), "--methods", "no-such-backend"])
+
+
+@pytest.mark.slow
+def test_demo_on_the_pretrained_convnet(tmp_path):
+    data_dir, model = real_inputs()
+    demo.main(["--quick", "--out", str(tmp_path), "--model", model, "--data-dir", data_dir,
+               "--methods", "dual"])
+    table = pd.read_csv(tmp_path / "demo.csv")
+    convnet = table[table["model"].str.contains("ConvNet")]
+    assert set(convnet["method"]) == {"dual", "dual-optimized"}
+    # the first three test images are certified at eps = 0.1 by the published model
+    assert (convnet["certified"] == 3).all()
+
+
+@pytest.mark.slow
+def test_benchmark_quick(tmp_path):
+    data_dir, model = real_inputs()
+    df = benchmark.main(["--quick", "--model", model, "--data-dir", data_dir, "--out", str(tmp_path)])
+    for name in ["results.csv", "results.md", "results.json"]:
+        assert (tmp_path / name).is_file()
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert list(table.columns)[:len(benchmark.COLUMNS)] == benchmark.COLUMNS
+    assert len(table) == len(df)
+    assert set(table["part"]) == {"a", "b", "c", "d"}
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["quick"] and meta["n_images"] == 20
+    rows = table.set_index("quantity")
+    timing = rows.loc["dual bounds, ms/image (batches of 10)"]
+    assert timing["polytope_lab"] > 0
+    try:
+        import convex_adversarial  # noqa: F401
+    except ImportError:
+        return
+    # same bounds as the reference, same robust errors
+    assert rows.loc["max relative difference of the bounds", "polytope_lab"] < 1e-3
+    errors = rows.loc["robust errors / 20"]
+    assert float(errors["polytope_lab"]) == float(errors["convex_adversarial"])
+    assert timing["convex_adversarial"] > 0
