@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tabulate import tabulate
 from tqdm.auto import tqdm
 
 
@@ -25,25 +26,15 @@ def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _cell(value, floatfmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        return format(value, floatfmt)
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def to_markdown(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
-    """A GitHub-flavoured Markdown table of ``df`` (without needing the ``tabulate`` package)."""
-    header = [str(c) for c in df.columns]
-    rows = [[_cell(v, floatfmt) for v in row] for row in df.itertuples(index=False, name=None)]
-    numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    """``df`` as a GitHub-flavoured Markdown table (tabulate); NaN shows empty, ``|`` is escaped."""
+    def cell(v):
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        return v.replace("|", "\\|") if isinstance(v, str) else v
+    rows = [[cell(v) for v in row] for row in df.itertuples(index=False, name=None)]
+    return tabulate(rows, headers=[str(c) for c in df.columns], tablefmt="pipe", floatfmt=floatfmt,
+                    missingval="") + "\n"
 
 
 def write_table(df: pd.DataFrame, out_dir, name: str, meta: dict | None = None, json_too: bool = False) -> list:
