@@ -1,5 +1,6 @@
 """polytope_lab: provable output bounds for ReLU networks (Wong & Kolter 2018) behind one Bounder interface."""
-from .bounds import Bounder, Bounds, margin_matrix
+from .attacks import fgsm, pgd, pgd_minimize
+from .bounds import Bounder, Bounds, cross_check, margin_matrix
 from .dual import DualBounder, dual_objective, intermediate_bounds
 from .interval import IntervalBounder, interval_bounds
 from .network import Network, from_torch
@@ -7,7 +8,8 @@ from .regions import L2Ball, LinfBall, Region
 from .training import robust_loss
 
 __all__ = [
-    "Bounder", "Bounds", "margin_matrix",
+    "fgsm", "pgd", "pgd_minimize",
+    "Bounder", "Bounds", "cross_check", "margin_matrix",
     "DualBounder", "dual_objective", "intermediate_bounds",
     "IntervalBounder", "interval_bounds",
     "Network", "from_torch",

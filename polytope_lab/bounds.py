@@ -103,3 +103,78 @@ def margin_matrix(y, n_classes: int) -> torch.Tensor:
     others = torch.arange(n_classes).expand(len(y), n_classes)
     keep = others != y[:, None]
     return C[keep].reshape(len(y), n_classes - 1, n_classes)
+
+
+#: cross_check's backends: label -> (registered name, options)
+CROSS_CHECK_METHODS = {
+    "interval": ("interval", {}),
+    "dual": ("dual", {}),
+    "dual-optimized": ("dual", {"alpha": "optimized"}),
+    "lp": ("lp", {}),
+    "milp": ("milp", {}),
+}
+
+
+def cross_check(model, region: Region, C=None, methods=None, exclude=(), tol: float = 1e-5, attack_steps: int = 50,
+                options: dict | None = None):
+    """Run every backend and a PGD attack on one problem and check the sandwich; a pandas DataFrame.
+
+    One row per (backend, example, objective row) — for a single example and objective, one row per
+    backend — with ``lower``, ``upper``, ``seconds``, ``status`` and a ``verdict``: "ok", or which of
+    ``lower ≤ exact ≤ attack`` (exact = the MILP's optimum, when it is optimal; attack = the best PGD
+    value, a real point) and ``dual ≤ lp`` (the LP uses the dual's intermediate bounds) fails, beyond
+    ``tol · max(1, |reference|)``. ``methods``: labels from :data:`CROSS_CHECK_METHODS` (default: all whose
+    backend is registered); ``exclude`` drops some; ``options``: per-label extra options.
+    """
+    import pandas as pd
+
+    from .attacks import pgd_minimize
+
+    network = as_network(model, region.input_shape)
+    C = check_objective(C, network, region)
+    labels = [m for m in (methods or CROSS_CHECK_METHODS) if m not in exclude]
+    unknown = [m for m in labels if m not in CROSS_CHECK_METHODS]
+    if unknown:
+        raise ValueError(f"unknown cross_check method(s) {unknown}; choose from {list(CROSS_CHECK_METHODS)}")
+    if methods is None:
+        labels = [m for m in labels if CROSS_CHECK_METHODS[m][0] in Bounder.registry]
+    results = {}
+    for label in labels:
+        name, opts = CROSS_CHECK_METHODS[label]
+        results[label] = Bounder.create(name, **{**opts, **(options or {}).get(label, {})}).bound(network, region, C)
+    start = time.perf_counter()
+    attack_lo, _ = pgd_minimize(network, region, C, steps=attack_steps)
+    attack_hi, _ = pgd_minimize(network, region, -C, steps=attack_steps)
+    attack_hi = -attack_hi
+    attack_seconds = time.perf_counter() - start
+
+    def slack(ref):
+        return tol * max(1.0, abs(ref))
+
+    rows = []
+    B, m = C.shape[:2]
+    for b in range(B):
+        milp = results.get("milp")
+        exact = milp is not None and milp.status[b] == "optimal"
+        for j in range(m):
+            refs = {"attack": (attack_lo[b, j].item(), attack_hi[b, j].item())}
+            if exact:
+                refs["exact"] = (milp.lower[b, j].item(), milp.upper[b, j].item())
+            for label, res in results.items():
+                lo, up = res.lower[b, j].item(), res.upper[b, j].item()
+                checks = dict(refs)
+                if label in ("dual", "dual-optimized") and "lp" in results:
+                    checks["lp"] = (results["lp"].lower[b, j].item(), results["lp"].upper[b, j].item())
+                if label == "milp":
+                    checks.pop("exact", None)
+                problems = [f"lower {lo:.6g} > {ref} {r_lo:.6g}" for ref, (r_lo, _) in checks.items()
+                            if lo > r_lo + slack(r_lo)]
+                problems += [f"upper {up:.6g} < {ref} {r_up:.6g}" for ref, (_, r_up) in checks.items()
+                             if up < r_up - slack(r_up)]
+                rows.append({"method": label, "example": b, "row": j, "lower": lo, "upper": up,
+                             "seconds": res.seconds, "status": res.status[b],
+                             "verdict": "; ".join(problems) or "ok", "tolerance": tol})
+            rows.append({"method": "pgd attack", "example": b, "row": j, "lower": refs["attack"][0],
+                         "upper": refs["attack"][1], "seconds": attack_seconds, "status": "attack",
+                         "verdict": "reference (values attained by real inputs)", "tolerance": tol})
+    return pd.DataFrame(rows)
