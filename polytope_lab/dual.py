@@ -279,20 +279,16 @@ def optimize_alpha(network, region, bounds, C, steps=20, lr=0.2, frontier=None):
     return best
 
 
-def _default_device(device):
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class DualBounder(Bounder):
     """Wong–Kolter dual bounds.
 
-    Options: ``alpha`` "fixed" (Algorithm 1's α = u/(u−l)) or "optimized" (projected gradient ascent on
-    the final layer's α, ``steps``/``lr``); ``device`` (default: CUDA if available, else CPU);
+    Options: ``alpha`` "fixed" (Algorithm 1's α = u/(u−l)) or "optimized" (projected gradient ascent,
+    ``steps``/``lr``, on every ReLU layer's α in the final objective, one α per objective row; the
+    intermediate bounds keep the fixed α); ``device`` (default: where the region's ``x`` lives, so CPU
+    unless you pass CUDA tensors or ``device="cuda"``; results come back on ``x``'s device);
     ``max_memory`` bytes per chunk of examples (chunking bounds peak memory, results are unchanged);
-    ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds. Results carry no gradient: use
-    :func:`polytope_lab.robust_loss` or :func:`dual_objective` to differentiate through the bound.
+    ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds. Results carry no gradient:
+    use :func:`polytope_lab.robust_loss` or :func:`dual_objective` to differentiate through the bound.
     """
 
     name = "dual"
@@ -312,8 +308,8 @@ class DualBounder(Bounder):
         return max(1, min(batch, int(self.max_memory // max(per_example, 1))))
 
     def _bound(self, network, region, C):
-        device = _default_device(self.device)
         out_device = region.x.device
+        device = out_device if self.device is None else torch.device(self.device)
         network, region, C = network.to(device), region.to(device), C.to(device)
         step = self.chunk_size(network, region.batch_size)
         lowers, uppers, layers = [], [], []
