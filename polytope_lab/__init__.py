@@ -3,6 +3,9 @@ from .attacks import fgsm, pgd, pgd_minimize
 from .bounds import Bounder, Bounds, cross_check, margin_matrix
 from .dual import DualBounder, dual_objective, intermediate_bounds
 from .interval import IntervalBounder, interval_bounds
+from .milp import (AdversarialDistance, Certification, MILPBounder, MILPBounds, certified_radius,
+                   minimum_adversarial_distance)
+from .lp import LPBounder
 from .network import Network, from_torch
 from .regions import L2Ball, LinfBall, Region
 from .training import robust_loss
@@ -12,6 +15,9 @@ __all__ = [
     "Bounder", "Bounds", "cross_check", "margin_matrix",
     "DualBounder", "dual_objective", "intermediate_bounds",
     "IntervalBounder", "interval_bounds",
+    "MILPBounder", "MILPBounds", "Certification", "AdversarialDistance", "minimum_adversarial_distance",
+    "certified_radius",
+    "LPBounder",
     "Network", "from_torch",
     "L2Ball", "LinfBall", "Region",
     "robust_loss",

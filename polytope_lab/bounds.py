@@ -36,6 +36,13 @@ class Bounder:
 
     registry: dict = {}
     name = ""
+    #: region types the backend accepts (a subclass narrows it, e.g. the MILP takes L∞ balls only)
+    supported_regions: tuple = (Region,)
+
+    @classmethod
+    def supports(cls, region) -> bool:
+        """Whether this backend can bound over ``region``."""
+        return isinstance(region, cls.supported_regions)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -63,7 +63,25 @@ BOUNDER_VARIANTS = {
         ("dual-backward", {"strategy": "backward"}),
         ("dual-forward", {"strategy": "forward"}),
     ],
+    "lp": [("lp", {}), ("lp-all", {"intermediate": "lp"})],
+    # one solver thread: the contract nets are tiny (CBC, time limits, progressive: see test_milp.py)
+    "milp": [("milp", {"threads": 1})],
 }
+
+
+@pytest.fixture
+def skip_unsupported_regions(monkeypatch):
+    """For the generic suites: a backend asked to bound over a region type it declares unsupported
+    (``Bounder.supported_regions``, e.g. the MILP and L2 balls) skips the test instead of failing; the
+    backend's own tests check that it raises a clear error there."""
+    original = pl.Bounder.bound
+
+    def bound(self, model, region, C=None):
+        if isinstance(region, pl.Region) and not self.supports(region):
+            pytest.skip(f"{self.name} does not support {type(region).__name__}")
+        return original(self, model, region, C)
+
+    monkeypatch.setattr(pl.Bounder, "bound", bound)
 
 
 def _bounder_factories():

@@ -9,6 +9,8 @@ import polytope_lab as pl
 
 from conftest import make_mlp, random_inputs
 
+pytestmark = pytest.mark.usefixtures("skip_unsupported_regions")
+
 DUAL_CONFIGS = {
     "dual-auto": dict(),
     "dual-forward": dict(strategy="forward"),

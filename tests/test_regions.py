@@ -11,6 +11,8 @@ import polytope_lab as pl
 
 from conftest import make_convnet, make_mlp, random_inputs
 
+pytestmark = pytest.mark.usefixtures("skip_unsupported_regions")
+
 DT = torch.float64
 
 
