@@ -510,6 +510,16 @@ class MILPBounder(Bounder):
             return _HighsModel(enc, threads=self.threads, rel_gap=self.rel_gap, abs_gap=self.abs_gap)
         return _CbcModel(enc, threads=self.threads, rel_gap=self.rel_gap, abs_gap=self.abs_gap)
 
+    def _labelled(self, model, region, y):
+        """(network, region in the network's dtype, labels) for the classification queries."""
+        network = self._prepare(model, region)
+        if region.x.dtype != network.dtype:
+            region = region.to(dtype=network.dtype)
+        y = torch.as_tensor(y).long().reshape(-1)
+        if len(y) != region.batch_size:
+            raise ValueError(f"y has {len(y)} labels for {region.batch_size} examples")
+        return network, region, y
+
     @staticmethod
     def _prepare(model, region):
         if not isinstance(region, Region):
@@ -666,12 +676,7 @@ class MILPBounder(Bounder):
         incumbent counts only once the network, run on its input, confirms some ``f_j ≥ f_y``; then the
         example stops. A sign still undecided after the early stop is solved to optimality.
         """
-        network = self._prepare(model, region)
-        if region.x.dtype != network.dtype:
-            region = region.to(dtype=network.dtype)
-        y = torch.as_tensor(y).long().reshape(-1)
-        if len(y) != region.batch_size:
-            raise ValueError(f"y has {len(y)} labels for {region.batch_size} examples")
+        network, region, y = self._labelled(model, region, y)
         n_out = network.output_size
         C = check_objective(margin_matrix(y, n_out), network, region)
         B, shape = region.batch_size, network.input_shape
@@ -778,12 +783,7 @@ class MILPBounder(Bounder):
         if not eps_max > 0:
             raise ValueError(f"eps_max must be > 0, got {eps_max}")
         region = LinfBall(x, eps_max, clip)
-        network = self._prepare(model, region)
-        if region.x.dtype != network.dtype:
-            region = region.to(dtype=network.dtype)
-        y = torch.as_tensor(y).long().reshape(-1)
-        if len(y) != region.batch_size:
-            raise ValueError(f"y has {len(y)} labels for {region.batch_size} examples")
+        network, region, y = self._labelled(model, region, y)
         B, shape = region.batch_size, network.input_shape
         if B == 0:
             return []

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
+from polytope_lab import models
 
 _DEFAULT_THREADS = torch.get_num_threads()
 
@@ -307,13 +308,7 @@ def mnist_test():
 
 def wong_kolter_mnist_model():
     """The paper's MNIST ConvNet architecture (untrained)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 100), nn.ReLU(),
-        nn.Linear(100, 10),
-    )
+    return models.mnist_convnet()
 
 
 @pytest.fixture(scope="session")
