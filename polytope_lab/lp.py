@@ -107,6 +107,11 @@ class LPBounder(Bounder):
     layer's dual bounds are already exact; the LP of a stable unit does not depend on its l, u);
     ``solver_options`` keyword arguments for ``Problem.solve``.
 
+    The values are the solver's reported optimum: exact for the relaxation only up to the solver's
+    feasibility/optimality tolerances (about 1e-7 with HiGHS), so the LP is a referee for the other
+    backends (``cross_check`` compares with a tolerance); certify with the dual, whose bound is exact
+    arithmetic on a feasible dual point.
+
     Status per example: "optimal" when every solve was, else the first other CVXPY status
     ("optimal_inaccurate", "infeasible", "solver_error", ...). A row whose solve was not optimal never
     raises: it falls back to the intermediate bounder's own (sound, looser) bound on that row; an LP-ALL
