@@ -1,6 +1,7 @@
 """polytope_lab: provable output bounds for ReLU networks (Wong & Kolter 2018) behind one Bounder interface."""
 from .attacks import fgsm, pgd, pgd_minimize
 from .bounds import Bounder, Bounds, cross_check, margin_matrix
+from .data import toy_points
 from .dual import DualBounder, dual_objective, intermediate_bounds
 from .interval import IntervalBounder, interval_bounds
 from .milp import (AdversarialDistance, Certification, MILPBounder, MILPBounds, certified_radius,
@@ -8,11 +9,12 @@ from .milp import (AdversarialDistance, Certification, MILPBounder, MILPBounds, 
 from .lp import LPBounder
 from .network import Network, from_torch
 from .regions import L2Ball, LinfBall, Region
-from .training import robust_loss
+from .training import eps_schedule, robust_loss, train
 
 __all__ = [
     "fgsm", "pgd", "pgd_minimize",
     "Bounder", "Bounds", "cross_check", "margin_matrix",
+    "toy_points",
     "DualBounder", "dual_objective", "intermediate_bounds",
     "IntervalBounder", "interval_bounds",
     "MILPBounder", "MILPBounds", "Certification", "AdversarialDistance", "minimum_adversarial_distance",
@@ -20,5 +22,5 @@ __all__ = [
     "LPBounder",
     "Network", "from_torch",
     "L2Ball", "LinfBall", "Region",
-    "robust_loss",
+    "eps_schedule", "robust_loss", "train",
 ]
