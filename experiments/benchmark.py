@@ -9,7 +9,9 @@ Parts, all measured in one run and written to ``<out>/results.csv``, ``.md`` and
   b. ``robust_loss`` forward + backward, ms/image, and the difference of the loss values;
   c. time to certify the 10,000 test images, extrapolated from (a) (``--full``: measured as well);
   d. on the first 200 images: certified counts and ms/image for fixed and optimised α, next to the
-     figures other tools reached on this machine as reported in the issue (not re-measured here).
+     figures other tools reached on this machine as reported in the issue (not re-measured here);
+  e. exact MILP verdicts, f. LP against the optimised dual (ball ∩ [0, 1]): see ``benchmark_exact``.
+``--parts`` picks the parts (default all).
 Timings: a warm-up call first, then per batch the median of ``--reps`` repetitions, the two
 implementations interleaved. Other processes on the machine distort them; the load average is recorded.
 """
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 import polytope_lab as pl
 from polytope_lab import data, models
 
+from . import benchmark_exact
 from ._common import base_parser, machine_load, time_interleaved, to_markdown, write_table
 
 EPS = 0.1
@@ -55,9 +58,15 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per batch (median taken)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--full", action="store_true", help="part c: certify all 10,000 test images")
+    parser.add_argument("--parts", default="abcdef", help="which parts to run, e.g. 'ad' or 'ef'")
+    benchmark_exact.add_arguments(parser)
     args = parser.parse_args(argv)
+    unknown = set(args.parts) - set("abcdef")
+    if unknown:
+        parser.error(f"--parts takes letters from 'abcdef', got {args.parts!r}")
     if args.quick:
         args.n_images, args.n_compare, args.batch, args.reps = 20, 20, 10, 1
+        benchmark_exact.quick(args)
     return args
 
 
@@ -304,11 +313,23 @@ def main(argv=None):
     X, y = X.to(args.device), y.to(args.device)
     started = time.perf_counter()
 
-    rows_a, result_a = part_a(model, batches(X[:args.n_images], y[:args.n_images], args.batch), args, ca)
-    rows = rows_a
-    rows += part_b(model, batches(X[:args.n_images], y[:args.n_images], args.batch), args, ca)
-    rows += part_c(model, X, y, args, ca, result_a)
-    rows += part_d(model, X, y, args, ca)
+    rows, first = [], batches(X[:args.n_images], y[:args.n_images], args.batch)
+    if "a" in args.parts or "c" in args.parts:
+        rows_a, result_a = part_a(model, first, args, ca)
+        rows += rows_a if "a" in args.parts else []
+    if "b" in args.parts:
+        rows += part_b(model, first, args, ca)
+    if "c" in args.parts:
+        rows += part_c(model, X, y, args, ca, result_a)
+    if "d" in args.parts:
+        rows += part_d(model, X, y, args, ca)
+    if "e" in args.parts:
+        rows += benchmark_exact.part_e(model, X, y, EPS, args)
+    if "f" in args.parts:
+        X_train, y_train = data.mnist("train", root=args.data_dir)
+        mlp = benchmark_exact.trained_mlp(X_train, y_train, EPS, args)
+        rows += benchmark_exact.part_f({"ConvNet": (model, X, y), "MLP 784-100-100-10": (mlp, X.flatten(1), y)},
+                                       EPS, args)
 
     df = pd.DataFrame(rows)
     df = df.reindex(columns=COLUMNS + [c for c in df.columns if c not in COLUMNS])
@@ -317,7 +338,9 @@ def main(argv=None):
         "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
         "eps": EPS, "n_images": args.n_images, "n_compare": args.n_compare, "batch": args.batch,
         "reps": args.reps, "threads": args.threads, "device": args.device, "quick": args.quick,
-        "full": args.full, "seconds_total": round(time.perf_counter() - started, 1),
+        "full": args.full, "parts": args.parts,
+        "milp_images": args.milp_images, "milp_solvers": args.milp_solvers,
+        "milp_time_limit": args.milp_time_limit, "lp_images": args.lp_images, "seconds_total": round(time.perf_counter() - started, 1),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "convex_adversarial": package_version("convex_adversarial") if ca else f"missing ({ca_why})",
         "load_at_start": load_start, "load_at_end": load_end,

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import polytope_lab as pl
 from experiments import benchmark, demo
+from polytope_lab import data, models
 
 PRETRAINED = "wong_kolter_mnist_eps0.1.pth"
 DEMO_COLUMNS = ["model", "method", "eps", "images", "mean lower margin", "certified", "seconds"]
@@ -81,10 +83,11 @@ def test_benchmark_quick(tmp_path):
     table = pd.read_csv(tmp_path / "results.csv")
     assert list(table.columns)[:len(benchmark.COLUMNS)] == benchmark.COLUMNS
     assert len(table) == len(df)
-    assert set(table["part"]) == {"a", "b", "c", "d"}
+    assert set(table["part"]) == set("abcdef")
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["quick"] and meta["n_images"] == 20
     rows = table.set_index("quantity")
+    check_exact_parts(tmp_path, table, data_dir, model)
     timing = rows.loc["dual bounds, ms/image (batches of 10)"]
     assert timing["polytope_lab"] > 0
     try:
@@ -96,3 +99,25 @@ def test_benchmark_quick(tmp_path):
     errors = rows.loc["robust errors / 20"]
     assert float(errors["polytope_lab"]) == float(errors["convex_adversarial"])
     assert timing["convex_adversarial"] > 0
+
+
+def check_exact_parts(out, table, data_dir, model_path):
+    """Parts e and f of a --quick benchmark: MILP verdicts agree with the dual and the data; LP ≥ dual."""
+    per_image = pd.read_csv(out / "milp_per_image.csv")
+    assert list(per_image["image"]) == [0, 1, 2] and set(per_image["solver"]) == {"HIGHS"}
+    assert set(per_image["status"]) <= {"certified", "counterexample"}
+    assert (per_image.loc[per_image["status"] == "certified", "lower"] > 0).all()
+    assert (per_image.loc[per_image["status"] == "counterexample", "witness_margin"] <= 0).all()
+    X, y = data.mnist("test", root=data_dir)
+    net = models.load_state(models.mnist_convnet(), model_path)
+    dual = pl.Bounder.create("dual").bound(net, pl.LinfBall(X[:3], 0.1, clip=(0, 1)), pl.margin_matrix(y[:3], 10))
+    # a sound dual certificate can never meet an exact counterexample
+    assert not (dual.certified & torch.tensor(list(per_image["status"] == "counterexample"))).any()
+    rows = table[table["part"] == "e"].set_index("quantity")
+    settled = rows[rows.index.str.contains("fraction settled")]["polytope_lab"]
+    assert len(settled) == 1 and float(settled.iloc[0]) == 1.0
+    f = table[table["part"] == "f"].set_index("quantity")
+    for net_name in ["ConvNet", "MLP 784-100-100-10"]:
+        for k in ["dual", "dual-optimized"]:
+            assert float(f.loc[f"{net_name}: LP − {k} margin lower bound, mean (max)", "polytope_lab"]) >= -1e-4
+        assert float(f.loc[f"{net_name}: lp, s/example (lower and upper of 9 margins)", "polytope_lab"]) > 0
