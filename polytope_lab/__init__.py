@@ -2,7 +2,7 @@
 from .attacks import fgsm, pgd, pgd_minimize
 from .bounds import Bounder, Bounds, cross_check, margin_matrix
 from .data import toy_points
-from .dual import DualBounder, dual_objective, intermediate_bounds
+from .dual import DualBounder, EstimatedBounds, column_chunked_bounds, dual_objective, intermediate_bounds
 from .interval import IntervalBounder, interval_bounds
 from .milp import (AdversarialDistance, Certification, MILPBounder, MILPBounds, certified_radius,
                    minimum_adversarial_distance)
@@ -15,7 +15,7 @@ __all__ = [
     "fgsm", "pgd", "pgd_minimize",
     "Bounder", "Bounds", "cross_check", "margin_matrix",
     "toy_points",
-    "DualBounder", "dual_objective", "intermediate_bounds",
+    "DualBounder", "EstimatedBounds", "column_chunked_bounds", "dual_objective", "intermediate_bounds",
     "IntervalBounder", "interval_bounds",
     "MILPBounder", "MILPBounds", "Certification", "AdversarialDistance", "minimum_adversarial_distance",
     "certified_radius",

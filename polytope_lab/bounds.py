@@ -15,7 +15,8 @@ class Bounds:
     """Bounds on ``C f(x')`` over every ``x'`` in the region, per example.
 
     ``lower``/``upper``: (B, m). ``intermediate``: per ReLU layer, (l, u) of its pre-activations, each
-    (B, *shape). ``status``: one string per example. ``seconds``: wall time of the call.
+    (B, *shape). ``status``: one string per example. ``seconds``: wall time of the call. ``sound``: False
+    only for estimates (random projections), which can neither certify nor feed another backend.
     """
 
     lower: torch.Tensor
@@ -24,6 +25,7 @@ class Bounds:
     status: list = field(default_factory=list)
     seconds: float = 0.0
     method: str = ""
+    sound: bool = True
 
     @property
     def certified(self) -> torch.Tensor:
@@ -98,6 +100,14 @@ def check_objective(C, network: Network, region: Region) -> torch.Tensor:
     if not torch.isfinite(C).all():
         raise ValueError("C contains NaN or inf")
     return C
+
+
+def require_sound(bounds: Bounds, user: str) -> Bounds:
+    """``bounds``, or ValueError if they are estimates: ``user``'s results would silently lose soundness."""
+    if not bounds.sound:
+        raise ValueError(f"{user} needs sound intermediate bounds, got estimates ({bounds.method}); "
+                         f"use an exact bounder (e.g. 'dual' without proj)")
+    return bounds
 
 
 def margin_matrix(y, n_classes: int) -> torch.Tensor:

@@ -13,15 +13,23 @@ Intermediate bounds (Algorithm 1) are computed layer by layer, per layer with th
   reach the frontier, whose columns then give the rest of J in one product ("jump").
 The final objective is a backward pass that jumps the same way. Every route evaluates the same
 formula, so they agree to rounding (``strategy="forward"``/``"backward"`` keep the pure routes).
+
+Two scaled variants (Wong et al. 2018b, "Scaling provable adversarial defenses"):
+- ``proj=k``: the frontier's ℓ1 terms estimated from k Cauchy random projections (median estimator), so
+  a pass costs k columns instead of one per input dimension and unstable unit: for training; NOT sound.
+- :func:`column_chunked_bounds`: the exact bounds with the forward columns in chunks (optionally spread
+  over several devices), for one example too large to hold all its columns at once.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .bounds import Bounder, Bounds
 from . import patches
 from .network import LinearOp, Network
-from .regions import Region
+from .regions import L2Ball, LinfBall, Region
 
 FLOAT_BYTES = 4
 
@@ -32,6 +40,40 @@ def relu_slopes(l: torch.Tensor, u: torch.Tensor):
     d = (l >= 0).to(l.dtype)
     d = torch.where(unstable, u / torch.where(unstable, u - l, torch.ones_like(u)), d)
     return d, unstable
+
+
+def check_proj(proj):
+    """``proj`` (None or a positive int, the number of random projections) or a ValueError."""
+    if proj is not None and (isinstance(proj, bool) or not isinstance(proj, int) or proj < 1):
+        raise ValueError(f"proj must be None or an integer >= 1 (the number of random projections), got {proj!r}")
+    return proj
+
+
+def _random(kind: str, shape, generator, like: torch.Tensor) -> torch.Tensor:
+    """I.i.d. standard Cauchy ("cauchy") or Gaussian ("gauss") entries, drawn on the CPU from ``generator``
+    (torch's global generator when None), so that a seed gives the same draws on every device."""
+    t = torch.empty(shape, dtype=torch.float64)
+    if kind == "cauchy":
+        t.cauchy_(generator=generator)
+    else:
+        t.normal_(generator=generator)
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def l1_estimate(S: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Median of ``|S|`` along ``dim`` (the mean of the two middle values for an even count): for ``S = v R``
+    with i.i.d. standard Cauchy R, each entry is Cauchy with scale ‖v‖₁, and median |Cauchy(0, 1)| = 1."""
+    a = S.abs()
+    k = a.shape[dim]
+    if k % 2:
+        return a.kthvalue((k + 1) // 2, dim).values
+    lower_half = a.topk(k // 2 + 1, dim, largest=False, sorted=False).values  # one selection, not two
+    return lower_half.topk(2, dim).values.mean(dim)
+
+
+def l2_estimate(S: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Root mean square of ``S`` along ``dim``: for ``S = v R`` with standard Gaussian R, E S² = ‖v‖₂²."""
+    return S.square().mean(dim).sqrt()
 
 
 def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, alpha=None,
@@ -100,41 +142,94 @@ class _Frontier:
     ``F`` (B|1, n_s, n_0): ∂ẑ_s/∂x' through the fixed D's (``A_1`` alone is shared by the batch).
     ``G[j]`` (B, n_s, q_j) and ``lI[j]`` (B, q_j): for ReLU layer j < s, the response to ``d_q e_q`` of
     each unstable unit q (padded to the batch maximum, l = 0 on padding) and its lower bound.
+
+    With ``proj=k`` (random projections), a block with more than k columns — the input identity when
+    n_0 > k, a ReLU layer's unstable units when some example has more than k — is not kept; its share of
+    every row's radius is estimated instead. Since ``Σ_q l_q [a_q]₊ = ½ Σ_q l_q a_q − ½ ‖l ⊙ a‖₁`` (l < 0),
+    a row's radius ``Σ rad |F_j| + Σ_layers ½ ‖(lI ⊙ G)_j‖₁`` (rad = ε for a plain ball) is the ℓ1 norm of
+    one row of the concatenation ``[rad ⊙ F, ½ lI ⊙ G_1, …]`` of the projected blocks:
+    ``S`` (B|1, k, n_s) holds k combinations of those columns with i.i.d. standard Cauchy weights, as k
+    images (pushed through convolutions without transposes), and :func:`l1_estimate` over k estimates
+    every row's norm; ``shift`` (B, n_s) is the linear half ``−½ Σ G lI``, pushed as one column;
+    ``S2`` (B|1, k, n_s) sketches an L2 ball's input term ``ε‖F_j‖₂`` with Gaussian weights
+    (:func:`l2_estimate`); ``scale`` (B, 1): a plain ball's ε, not yet applied to the input sketch shared
+    by the batch (folded into the slopes at the first advance).
     """
 
-    def __init__(self, network: Network, region: Region):
+    def __init__(self, network: Network, region: Region, proj=None, generator=None):
         A = network.affines[0]
         n0, B = network.input_size, region.batch_size
         self.network, self.region, self.layer = network, region, 0
+        self.proj, self.generator = proj, generator
         x = region.x
         self.h = A.forward(region.center).reshape(B, -1)
-        eye = torch.eye(n0, device=x.device, dtype=x.dtype).reshape(n0, *network.input_shape)
-        self.F = A.linear(eye).reshape(n0, -1).t().unsqueeze(0)               # (1, n_1, n0): A_1·I
+        self.F = self.S = self.S2 = self.shift = self.scale = None
+        if proj is None or proj >= n0:
+            eye = torch.eye(n0, device=x.device, dtype=x.dtype).reshape(n0, *network.input_shape)
+            self.F = A.linear(eye).reshape(n0, -1).t().unsqueeze(0)           # (1, n_1, n0): A_1·I
+        else:
+            self._sketch_input(A)
         self.G, self.lI, self.slopes = [], [], []
+
+    def _sketch_input(self, A):
+        """``S`` (L∞) or ``S2`` (L2) at layer 0: A_1 applied to k random combinations of the input
+        coordinates, each weighted by its radius."""
+        region, k, shape = self.region, self.proj, self.network.input_shape
+        B, n0 = region.batch_size, self.network.input_size
+        if not isinstance(region, (LinfBall, L2Ball)):
+            raise ValueError(f"random projections need a LinfBall or an L2Ball, got {type(region).__name__}")
+        kind = "cauchy" if isinstance(region, LinfBall) else "gauss"
+        R = _random(kind, (k, n0), self.generator, region.x)
+        if isinstance(region, LinfBall) and region.clip is not None:   # per-coordinate radius: one sketch per example
+            R = (region.radius.reshape(B, 1, n0) * R).reshape(B * k, n0)
+        else:
+            self.scale = region.eps.reshape(B, 1)
+        S = A.linear(R.reshape(-1, *shape)).reshape(-1, k, A.out_features)    # (B|1, k, n_1)
+        if kind == "cauchy":
+            self.S = S
+        else:
+            self.S2 = S
+
+    def _sketched(self, omega=None):
+        """Estimated radius of every row, (B, n_s), or of the rows ``omega`` (B, m, n_s), (B, m); 0 if none."""
+        dev = 0.0
+        for M, estimate in ((self.S, l1_estimate), (self.S2, l2_estimate)):
+            if M is not None:
+                dev = dev + (estimate(M, 1) if omega is None else estimate(torch.matmul(omega, M.transpose(1, 2))))
+        return dev if self.scale is None else dev * self.scale
+
+    @property
+    def estimated(self) -> bool:
+        """Whether some term is estimated from random projections (the bounds are then not sound)."""
+        return self.S is not None or self.S2 is not None
 
     @property
     def columns(self) -> int:
-        return self.F.shape[2] + sum(g.shape[2] for g in self.G)
+        exact = 0 if self.F is None else self.F.shape[2]
+        sketched = sum(M.shape[1] for M in (self.S, self.S2) if M is not None)
+        return exact + sketched + sum(g.shape[2] for g in self.G)
 
     @property
     def width(self) -> int:
-        return self.F.shape[1]
+        return self.h.shape[1]
 
     def advance_cost(self) -> int:
         """Multiply-adds per example of :meth:`advance`."""
         A = self.network.affines[self.layer + 1]
         convs = self.network.affines[: self.layer + 2]
-        dense = self.columns * A.cost
-        by_patches = patches.cost(convs)
+        by_patches = patches.cost(convs) if self.F is not None else 0
         if by_patches:
-            dense = by_patches + (self.columns - self.F.shape[2]) * A.cost
-        return dense
+            return by_patches + (self.columns - self.F.shape[2]) * A.cost
+        return self.columns * A.cost
 
     def bounds(self):
         """(l, u) of the current layer's pre-activations, each (B, n_s)."""
+        mid = self.h if self.shift is None else self.h + self.shift
+        dev = self._sketched()                                                  # (B, n_s), or 0
         F = self.F
-        dev = F.deviation(self.region) if isinstance(F, patches.PatchRows) else self.region.deviation(F)  # (B, n_s)
-        lower, upper = self.h - dev, self.h + dev
+        if F is not None:
+            dev = dev + (F.deviation(self.region) if isinstance(F, patches.PatchRows) else self.region.deviation(F))
+        lower, upper = mid - dev, mid + dev
         for G, lI in zip(self.G, self.lI):
             lower = lower + (lI.unsqueeze(1) * (-G).clamp(min=0)).sum(2)
             upper = upper - (lI.unsqueeze(1) * G.clamp(min=0)).sum(2)
@@ -145,13 +240,15 @@ class _Frontier:
 
         Returns (linear, deviation, relu term for the rows, relu term for the negated rows), each (B, m).
         """
-        lin = (omega * self.h.unsqueeze(1)).sum(2)                              # Σ ν^T b + ν̂_1ᵀ x
+        mid = self.h if self.shift is None else self.h + self.shift
+        lin = (omega * mid.unsqueeze(1)).sum(2)                                 # Σ ν^T b + ν̂_1ᵀ x
+        dev = self._sketched(omega)
         F = self.F
         if isinstance(F, patches.PatchRows):
             nu_hat_1 = F.left_multiply(omega) if F.foldable else torch.matmul(omega, F.dense())
-        else:
-            nu_hat_1 = torch.matmul(omega, F)                                   # (B, m, n0)
-        dev = self.region.deviation(nu_hat_1)
+            dev = dev + self.region.deviation(nu_hat_1)
+        elif F is not None:
+            dev = dev + self.region.deviation(torch.matmul(omega, F))           # ν̂_1: (B, m, n0)
         lo, up = torch.zeros_like(lin), torch.zeros_like(lin)
         for G, lI in zip(self.G, self.lI):
             nu_I = torch.matmul(omega, G)                                       # (B, m, q): ν at unstable units
@@ -164,24 +261,45 @@ class _Frontier:
         self.layer += 1
         A = self.network.affines[self.layer]
         B = self.h.shape[0]
-        d, unstable = relu_slopes(l.reshape(B, -1), u.reshape(B, -1))
+        l = l.reshape(B, -1)
+        d, unstable = relu_slopes(l, u.reshape(B, -1))
         self.slopes.append(d)
         self.h = A.forward((d * self.h).reshape(B, *A.in_shape)).reshape(B, -1)
         convs = self.network.affines[: self.layer + 1]
-        if patches.cost(convs):
+        if self.F is not None and patches.cost(convs):
             self.F = patches.conv_jacobian(convs, [s.reshape(B, *c.out_shape) for s, c in zip(self.slopes, convs)])
-        else:
+        elif self.F is not None:
             self.F = _push(A, d, self.F)
         self.G = [_push(A, d, G) for G in self.G]
         # new columns: A(d_q e_q) for each unstable unit q of this layer, padded to the batch maximum
         counts = unstable.sum(1)
         q_max = int(counts.max()) if B else 0
-        if q_max > 0:
+        projected = self.proj is not None and q_max > self.proj
+        if self.estimated or projected:
+            self._advance_sketches(A, d, torch.where(unstable, d * l, torch.zeros_like(l)) / 2 if projected else None)
+        if q_max > 0 and not projected:
             order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :q_max]
             valid = torch.arange(q_max, device=d.device)[None, :] < counts[:, None]  # (B, q_max)
             dI = torch.gather(d, 1, order) * valid
-            self.lI.append(torch.gather(l.reshape(B, -1), 1, order) * valid)
+            self.lI.append(torch.gather(l, 1, order) * valid)
             self.G.append(_columns(A, order, B * q_max) * dI.unsqueeze(1))
+
+    def _advance_sketches(self, A, d, w=None):
+        """Push the sketches and ``shift`` through D and A. With ``w`` (B, n) = ½ l_q d_q on this layer's
+        unstable units (0 elsewhere), first fold those units in (see the class docstring): k Cauchy
+        combinations ``w ⊙ R`` into ``S`` and ``−w`` into ``shift``."""
+        B, k = d.shape[0], self.proj
+        if self.scale is not None:
+            d, self.scale = d * self.scale, None
+        S, S2 = (None if M is None else d.unsqueeze(1) * M for M in (self.S, self.S2))  # (B, k, n)
+        shift = None if self.shift is None else d * self.shift
+        if w is not None:
+            R = _random("cauchy", (1, k, w.shape[1]), self.generator, w)
+            S = w.unsqueeze(1) * R if S is None else torch.addcmul(S, w.unsqueeze(1), R)
+            shift = -w if shift is None else shift - w
+        self.S, self.S2 = (None if M is None else A.linear(M.reshape(B * k, *A.in_shape)).reshape(B, k, -1)
+                           for M in (S, S2))
+        self.shift = None if shift is None else A.linear(shift.reshape(B, *A.in_shape)).reshape(B, -1)
 
 
 def _columns(A, order, budget: int) -> torch.Tensor:
@@ -211,17 +329,24 @@ def _plan(network: Network, frontier: _Frontier, i: int) -> bool:
     return frontier.advance_cost() <= backward
 
 
-def intermediate_bounds(network: Network, region: Region, strategy: str = "auto", return_frontier=False):
+def intermediate_bounds(network: Network, region: Region, strategy: str = "auto", return_frontier=False,
+                        proj=None, generator=None):
     """Algorithm 1: (l, u) of every ReLU layer's pre-activations, each (B, *shape), with fixed α.
 
     ``strategy``: "auto" (per layer, the cheaper of advancing the forward frontier and backward rows that
     jump through it), "forward" (always advance) or "backward" (rows all the way to the input).
-    With ``return_frontier``, also returns the frontier (None for "backward") for :func:`dual_objective`.
+    With ``return_frontier``, also returns the frontier (None for "backward" or without ReLU layers) for
+    :func:`dual_objective`.
+    ``proj=k``: the frontier's blocks of more than k columns are replaced by k random projections (see
+    :class:`_Frontier`) drawn from ``generator`` (torch's global one when None); the bounds are then
+    estimates, not sound (``frontier.estimated``). Rows that never reach the frontier stay exact.
     """
     if strategy not in ("auto", "forward", "backward"):
         raise ValueError(f"strategy must be 'auto', 'forward' or 'backward', got {strategy!r}")
+    check_proj(proj)
     bounds = []
-    frontier = _Frontier(network, region) if strategy != "backward" else None
+    use_frontier = strategy != "backward" and network.n_relu_layers > 0
+    frontier = _Frontier(network, region, proj, generator) if use_frontier else None
     B = region.batch_size
     for i in range(network.n_relu_layers):
         A = network.affines[i]
@@ -237,15 +362,21 @@ def intermediate_bounds(network: Network, region: Region, strategy: str = "auto"
     return (bounds, frontier) if return_frontier else bounds
 
 
+def _exact(frontier):
+    """``frontier`` unless it holds estimated terms: the final objective is exact given its bounds."""
+    return None if frontier is None or frontier.estimated else frontier
+
+
 def dual_objective(network: Network, region: Region, bounds: list, C: torch.Tensor, alpha=None, frontier=None):
     """``J`` (eq. 23): lower bound of ``C f(x')``, (B, m); with ``alpha=None`` also the upper bound.
 
     ``frontier`` (from :func:`intermediate_bounds`) shortens the backward pass; with it, only the α of
-    the ReLU layers above the frontier are used (those below keep the fixed choice).
+    the ReLU layers above the frontier are used (those below keep the fixed choice). A frontier with
+    estimated terms (``proj``) is not used: given the bounds, J is then computed exactly, to the input.
     """
     top = len(network.affines) - 1
     rows = C.reshape(C.shape[0], C.shape[1], *network.affines[-1].out_shape)
-    return _backward(network, region, bounds, rows, top, alpha, frontier)
+    return _backward(network, region, bounds, rows, top, alpha, _exact(frontier))
 
 
 def optimize_alpha(network, region, bounds, C, steps=20, lr=0.2, frontier=None):
@@ -257,6 +388,7 @@ def optimize_alpha(network, region, bounds, C, steps=20, lr=0.2, frontier=None):
     """
     bounds = [(l.detach(), u.detach()) for l, u in bounds]
     m = C.shape[1]
+    frontier = _exact(frontier)
     first = 0 if frontier is None else frontier.layer
     alpha = [relu_slopes(l, u)[0].unsqueeze(1).expand(l.shape[0], m, *l.shape[1:]).clone().requires_grad_(j >= first)
              for j, (l, u) in enumerate(bounds)]
@@ -279,6 +411,95 @@ def optimize_alpha(network, region, bounds, C, steps=20, lr=0.2, frontier=None):
     return best
 
 
+def _push_up(network: Network, slopes: list, M: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Columns kept as images, M (B|1, c, n), at the output of affine ``start`` carried through D and A up
+    to the output of affine ``stop``: (B, c, n')."""
+    for s in range(start + 1, stop + 1):
+        A, d = network.affines[s], slopes[s - 1]
+        M = A.linear((d.unsqueeze(1) * M).reshape(-1, *A.in_shape)).reshape(d.shape[0], M.shape[1], -1)
+    return M
+
+
+def column_chunked_bounds(network: Network, region: Region, column_chunk: int, devices=None) -> list:
+    """Algorithm 1's intermediate bounds (fixed α), exact, never holding more than ``column_chunk`` of the
+    forward columns at once: for one example too large for :func:`intermediate_bounds` (the reference's
+    ``robust_loss_parallel``). Returns (l, u) per ReLU layer, each (B, *shape), on the region's device.
+
+    The columns — the input identity and, for each ReLU layer, ``d_q e_q`` for its unstable units q — are
+    split into chunks. For the bounds of layer i each chunk is pushed from where it starts up to layer i
+    and reduced at once to its share of the sums (Σ rad·|F| or Σ F² for the input, Σ l[·]₊ for the units),
+    which add up over chunks; the chunk is then dropped and recomputed for the next layer. Memory:
+    O(B · column_chunk · widest layer) per device; time: each column is pushed once per layer above its
+    origin, so about depth/2 times the work of ``strategy="forward"``. ``devices``: torch devices that take
+    the chunks in turn (default: the region's); on CUDA they run concurrently (kernel launches are
+    asynchronous), on the CPU one after another.
+    """
+    if isinstance(column_chunk, bool) or not isinstance(column_chunk, int) or column_chunk < 1:
+        raise ValueError(f"column_chunk must be an integer >= 1, got {column_chunk!r}")
+    if not isinstance(region, (LinfBall, L2Ball)):
+        raise ValueError(f"column chunking needs a LinfBall or an L2Ball, got {type(region).__name__}")
+    main = region.x.device
+    devices = [torch.device(d) for d in (devices or [main])]
+    nets = {device: network.to(device) for device in set(devices)}
+    B, n0, dtype = region.batch_size, network.input_size, region.x.dtype
+    weight = region.radius.reshape(B, n0) if isinstance(region, LinfBall) else None    # None: L2, Σ F² then √
+    h = network.affines[0].forward(region.center).reshape(B, -1)                       # (B, n_i)
+    bounds, slopes, units = [], [], []  # units[j]: (order, dI, lI), each (B, q_j), of ReLU layer j
+    for i in range(network.n_relu_layers):
+        A = network.affines[i]
+        if i:
+            h = A.forward((slopes[-1] * h).reshape(B, *A.in_shape)).reshape(B, -1)
+        on = {device: [t.to(device) for t in slopes] for device in nets}
+        jobs = [(None, start) for start in range(0, n0, column_chunk)]
+        jobs += [(j, start) for j in range(i) for start in range(0, units[j][0].shape[1], column_chunk)]
+        radius, lo, up = [], [], []                                                     # parts, each (B|1, n_i)
+        for t, (j, start) in enumerate(jobs):
+            device = devices[t % len(devices)]
+            net = nets[device]
+            if j is None:  # input columns start..start + c of A_1·I
+                c = min(column_chunk, n0 - start)
+                eye = torch.zeros(c, n0, device=device, dtype=dtype)
+                eye[torch.arange(c, device=device), torch.arange(start, start + c, device=device)] = 1.0
+                M = net.affines[0].linear(eye.reshape(c, *network.input_shape)).reshape(1, c, -1)
+                M = _push_up(net, on[device], M, 0, i)                                  # (1|B, c, n_i)
+                w = None if weight is None else weight[:, start:start + c].to(device).unsqueeze(2)
+                radius.append(M.square().sum(1) if w is None else (M.abs() * w).sum(1))
+            else:  # unstable units start..start + c of ReLU layer j, entering at affine j + 1
+                order, dI, lI = (x[:, start:start + column_chunk].to(device).unsqueeze(2) for x in units[j])
+                G = _columns(net.affines[j + 1], order.squeeze(2), 0).transpose(1, 2) * dI  # (B, c, n_{j+1})
+                G = _push_up(net, on[device], G, j + 1, i)                              # (B, c, n_i)
+                lo.append((lI * (-G).clamp(min=0)).sum(1))
+                up.append((lI * G.clamp(min=0)).sum(1))
+        rad = sum(p.to(main) for p in radius)
+        if weight is None:
+            rad = region.eps[:, None] * rad.sqrt()
+        lower = h - rad + sum(p.to(main) for p in lo)
+        upper = h + rad - sum(p.to(main) for p in up)
+        bounds.append((lower.reshape(B, *A.out_shape), upper.reshape(B, *A.out_shape)))
+        if i + 1 < network.n_relu_layers:
+            d, unstable = relu_slopes(lower, upper)
+            slopes.append(d)
+            counts = unstable.sum(1)
+            q_max = int(counts.max()) if B else 0
+            order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :q_max]
+            valid = torch.arange(q_max, device=main)[None, :] < counts[:, None]
+            units.append((order, torch.gather(d, 1, order) * valid, torch.gather(lower, 1, order) * valid))
+    return bounds
+
+
+@dataclass
+class EstimatedBounds(Bounds):
+    """Bounds computed from random-projection estimates (``DualBounder(proj=k)``): close to the exact dual
+    bounds for large k, but NOT sound — an estimate can be tighter than the truth. ``sound`` is False and
+    ``certified`` raises; ``(b.lower > 0).all(1)`` gives the estimate's verdict if you explicitly want it."""
+
+    sound: bool = False
+
+    @property
+    def certified(self) -> torch.Tensor:
+        raise ValueError(f"estimated bounds ({self.method}) cannot certify; use exact bounds (proj=None)")
+
+
 class DualBounder(Bounder):
     """Wong–Kolter dual bounds.
 
@@ -289,15 +510,40 @@ class DualBounder(Bounder):
     ``max_memory`` bytes per chunk of examples (chunking bounds peak memory, results are unchanged);
     ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds. Results carry no gradient:
     use :func:`polytope_lab.robust_loss` or :func:`dual_objective` to differentiate through the bound.
+
+    ``proj=k``: estimate the intermediate bounds with k random projections (Wong et al. 2018b; Cauchy
+    with the median estimator for L∞ and the ReLU terms, Gaussian with the root mean square for an L2
+    ball's input term). A block of columns is projected only when k is smaller than its number of
+    columns (n_0 for the input, the batch's largest count of unstable units for a ReLU layer), otherwise
+    it stays exact. Given the intermediate bounds the final objective is exact. If anything was
+    estimated the result is an :class:`EstimatedBounds` (``method`` e.g. "dual-proj50", ``sound`` False,
+    ``certified`` raises); ``seed`` (int) draws the projections from a fresh generator on every call, so
+    a call is reproducible (None: torch's global generator).
+
+    ``column_chunk=c``: exact intermediate bounds holding at most c forward columns at once
+    (:func:`column_chunked_bounds`), for an example too big for memory; ``devices`` (a list of torch
+    devices) spreads the chunks. ``max_memory`` chunks over examples, ``column_chunk`` within one.
     """
 
     name = "dual"
 
-    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=20, lr=0.2):
+    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=20, lr=0.2,
+                 proj=None, seed=0, column_chunk=None, devices=None):
         if alpha not in ("fixed", "optimized"):
             raise ValueError(f"alpha must be 'fixed' or 'optimized', got {alpha!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be None or an integer, got {seed!r}")
+        if column_chunk is not None and (isinstance(column_chunk, bool) or not isinstance(column_chunk, int)
+                                         or column_chunk < 1):
+            raise ValueError(f"column_chunk must be None or an integer >= 1, got {column_chunk!r}")
+        if devices is not None and (column_chunk is None or isinstance(devices, (str, torch.device))
+                                    or len(devices) == 0):
+            raise ValueError("devices must be a non-empty list of devices, used with column_chunk")
+        if check_proj(proj) is not None and column_chunk is not None:
+            raise ValueError("proj (estimated bounds) and column_chunk (exact bounds) exclude each other")
         self.alpha, self.device, self.max_memory = alpha, device, max_memory
         self.strategy, self.steps, self.lr = strategy, steps, lr
+        self.proj, self.seed, self.column_chunk, self.devices = proj, seed, column_chunk, devices
 
     def chunk_size(self, network: Network, batch: int) -> int:
         """Examples per chunk so that the per-example blocks (rows or columns of the dual network,
@@ -311,13 +557,19 @@ class DualBounder(Bounder):
         out_device = region.x.device
         device = out_device if self.device is None else torch.device(self.device)
         network, region, C = network.to(device), region.to(device), C.to(device)
+        generator = None if self.proj is None or self.seed is None else torch.Generator().manual_seed(self.seed)
         step = self.chunk_size(network, region.batch_size)
-        lowers, uppers, layers = [], [], []
+        lowers, uppers, layers, estimated = [], [], [], False
         for start in range(0, region.batch_size, step):
             idx = slice(start, start + step)
             sub = region.select(idx)
             with torch.no_grad():
-                bounds, frontier = intermediate_bounds(network, sub, self.strategy, return_frontier=True)
+                if self.column_chunk is not None:
+                    bounds, frontier = column_chunked_bounds(network, sub, self.column_chunk, self.devices), None
+                else:
+                    bounds, frontier = intermediate_bounds(network, sub, self.strategy, return_frontier=True,
+                                                           proj=self.proj, generator=generator)
+            estimated = estimated or (frontier is not None and frontier.estimated)
             if self.alpha == "fixed":
                 with torch.no_grad():
                     lo, up = dual_objective(network, sub, bounds, C[idx], frontier=frontier)
@@ -331,5 +583,6 @@ class DualBounder(Bounder):
         intermediate = [tuple(torch.cat([ch[j][k] for ch in layers]).to(out_device) for k in range(2))
                         for j in range(network.n_relu_layers)]
         method = "dual" if self.alpha == "fixed" else "dual-optimized"
-        return Bounds(torch.cat(lowers).to(out_device), torch.cat(uppers).to(out_device), intermediate,
-                      ["ok"] * region.batch_size, method=method)
+        result = EstimatedBounds if estimated else Bounds
+        return result(torch.cat(lowers).to(out_device), torch.cat(uppers).to(out_device), intermediate,
+                      ["ok"] * region.batch_size, method=method + (f"-proj{self.proj}" if estimated else ""))

@@ -17,7 +17,7 @@ import cvxpy as cp
 import numpy as np
 import torch
 
-from .bounds import Bounder, Bounds
+from .bounds import Bounder, Bounds, require_sound
 from .network import Network
 from .regions import L2Ball, Region
 
@@ -80,7 +80,7 @@ def _minimise(problem, c, rows, solver, options):
     for j, row in enumerate(rows):
         c.value = row
         status = _solve(problem, solver, options)
-        if status != "optimal":  # a warm start from the previous row's basis can fail numerically
+        if status not in ("optimal", "user_limit"):  # a warm start from the previous basis can fail numerically
             status = _solve(problem, solver, {**options, "warm_start": False})
         if status == "optimal":
             values[j] = problem.value
@@ -147,7 +147,7 @@ class LPBounder(Bounder):
         lp_all = isinstance(self.intermediate, str) and self.intermediate == "lp"
         base = self.intermediate if isinstance(self.intermediate, Bounder) else \
             Bounder.create("dual" if lp_all else self.intermediate)
-        ref = base.bound(network, region, C)                   # l, u and the fallback bounds
+        ref = require_sound(base.bound(network, region, C), "the LP")   # l, u and the fallback bounds
         mats = [a.as_matrix() for a in network.affines]
         biases = [a.bias_vector() for a in network.affines]
         B = region.batch_size

@@ -49,7 +49,7 @@ import numpy as np
 import pulp
 import torch
 
-from .bounds import Bounder, Bounds, check_objective, margin_matrix
+from .bounds import Bounder, Bounds, check_objective, margin_matrix, require_sound
 from .network import Network, as_network
 from .regions import LinfBall, Region
 
@@ -543,7 +543,7 @@ class MILPBounder(Bounder):
             else:
                 bounder = (Bounder.create(self.intermediate) if isinstance(self.intermediate, str)
                            else self.intermediate)
-                b = bounder.bound(net64, reg64, C64)
+                b = require_sound(bounder.bound(net64, reg64, C64), "the MILP")
                 layers = [(l.detach().double(), u.detach().double()) for l, u in b.intermediate]
                 lower, upper = b.lower.detach().double(), b.upper.detach().double()
         return net64, reg64, C64, mats, layers, lower, upper

@@ -18,18 +18,24 @@ from tqdm.auto import tqdm
 
 from .attacks import pgd
 from .bounds import check_objective, margin_matrix
-from .dual import dual_objective, intermediate_bounds
+from .dual import check_proj, dual_objective, intermediate_bounds
 from .network import as_network
 from .regions import LinfBall
 
 
-def robust_loss(model, eps, X, y, clip=None, reduction="mean", region=None):
+def robust_loss(model, eps, X, y, clip=None, reduction="mean", region=None, proj=None, generator=None):
     """``(loss, robust_error)``: cross-entropy on ``−J(e_y − e_j)`` over j (eq. 34–35), differentiable in
     the model's parameters — a drop-in for ``nn.CrossEntropyLoss`` in a training loop.
 
     The row for j = y is 0 by construction, so the example is certified iff every other coordinate is
     negative; ``robust_error`` is the fraction (or, with ``reduction="none"``, the per-example flags) of
     examples not certified. ``region`` overrides the default ``LinfBall(X, eps, clip)`` (e.g. an L2Ball).
+
+    ``proj=k`` (for training, Wong et al. 2018b): the intermediate bounds are estimated with k random
+    projections drawn from ``generator`` (torch's global generator when None), under the rule of
+    ``DualBounder(proj=k)``; J is exact given them. The loss and ``robust_error`` are then estimates,
+    not certificates (the reference's training logs report the same estimate): report robust errors
+    with ``proj=None`` or a Bounder.
     """
     if region is None:
         region = LinfBall(X, eps, clip=clip)
@@ -41,7 +47,7 @@ def robust_loss(model, eps, X, y, clip=None, reduction="mean", region=None):
     C = torch.eye(n, device=region.x.device, dtype=region.x.dtype)
     C = C[y].unsqueeze(1) - C.unsqueeze(0)                          # (B, n, n): rows e_y − e_j, row y = 0
     C = check_objective(C, network, region)
-    bounds, frontier = intermediate_bounds(network, region, return_frontier=True)
+    bounds, frontier = intermediate_bounds(network, region, return_frontier=True, proj=proj, generator=generator)
     J, _ = dual_objective(network, region, bounds, C, frontier=frontier)
     f = -J                                                          # (B, n): f_j ≥ max (z_j − z_y)
     err = (f.scatter(1, y[:, None], float("-inf")) >= 0).any(1)     # some j ≠ y not provably below y
@@ -150,7 +156,7 @@ def _write_csv(path: Path, records, header: bool) -> None:
 
 def train(model, X, y, *, mode="standard", eps=0.1, epochs=10, batch_size=50, lr=1e-3, warmup_epochs=0,
           clip=None, attack_steps=40, attack_step_size=None, seed=0, device=None, log_path=None,
-          checkpoint_dir=None, resume=True, progress=True, architecture=None) -> pd.DataFrame:
+          checkpoint_dir=None, resume=True, progress=True, architecture=None, proj=None) -> pd.DataFrame:
     """Train ``model`` in place on ``(X, y)`` with Adam; returns the per-epoch log (columns ``LOG_COLUMNS``).
 
     ``mode``: "standard" (cross-entropy), "pgd" (cross-entropy on PGD points of ``LinfBall(x, ε_t, clip)``,
@@ -163,11 +169,15 @@ def train(model, X, y, *, mode="standard", eps=0.1, epochs=10, batch_size=50, lr
     settings; with ``resume`` training continues from a checkpoint found there (same settings and data
     required), so an interrupted run ends as an uninterrupted one would (randomness inside the model, e.g.
     dropout, uses torch's global generator and is not restored). The model is left in eval mode.
+    ``proj=k`` ("robust" mode): :func:`robust_loss` with k random projections drawn from the shuffling
+    generator (so runs stay reproducible and resumable); the logged ``robust_loss``/``robust_error`` are
+    then estimates, not certified errors.
     """
     eps, lr = _number("eps", eps, positive=False), _number("lr", lr, positive=True)
     if attack_step_size is not None:
         attack_step_size = _number("attack_step_size", attack_step_size, positive=True)
     X, y, clip = _check_inputs(X, y, mode, epochs, batch_size, warmup_epochs, clip, attack_steps)
+    check_proj(proj)
     epochs, batch_size, warmup_epochs, attack_steps = map(int, (epochs, batch_size, warmup_epochs, attack_steps))
     params = list(model.parameters())
     if not params:
@@ -186,7 +196,7 @@ def train(model, X, y, *, mode="standard", eps=0.1, epochs=10, batch_size=50, lr
 
     settings = {"mode": mode, "eps": eps, "batch_size": batch_size, "lr": lr,
                 "warmup_epochs": warmup_epochs, "clip": None if clip is None else list(clip),
-                "attack_steps": attack_steps, "attack_step_size": attack_step_size, "seed": int(seed),
+                "attack_steps": attack_steps, "attack_step_size": attack_step_size, "seed": int(seed), "proj": proj,
                 "data": _fingerprint(X, y)}
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(int(seed))
@@ -235,7 +245,8 @@ def train(model, X, y, *, mode="standard", eps=0.1, epochs=10, batch_size=50, lr
                     logits = model(xb).reshape(len(xb), -1)                          # (b, n_classes)
                     loss = objective = F.cross_entropy(logits, yb)
                 if mode == "robust":
-                    objective, robust_err = robust_loss(model, eps_t, xb, yb, clip=clip)
+                    objective, robust_err = robust_loss(model, eps_t, xb, yb, clip=clip, proj=proj,
+                                                        generator=generator if proj is not None else None)
                     sums["robust_loss"] += objective.item() * len(xb)
                     sums["robust_error"] += robust_err * len(xb)
                 sums["loss"] += loss.item() * len(xb)
