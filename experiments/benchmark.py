@@ -10,7 +10,9 @@ Parts, all measured in one run and written to ``<out>/results.csv``, ``.md`` and
   c. time to certify the 10,000 test images, extrapolated from (a) (``--full``: measured as well);
   d. on the first 200 images: certified counts and ms/image for fixed and optimised α, next to the
      figures other tools reached on this machine as reported in the issue (not re-measured here);
-  e. exact MILP verdicts, f. LP against the optimised dual (ball ∩ [0, 1]): see ``benchmark_exact``.
+  e. exact MILP verdicts, f. LP against the optimised dual (ball ∩ [0, 1]): see ``benchmark_exact``;
+  g. robust training steps, exact against random projections, h. peak memory of the exact bound against
+     the batch size, with and without chunking: see ``benchmark_scaling``.
 ``--parts`` picks the parts (default all).
 Timings: a warm-up call first, then per batch the median of ``--reps`` repetitions, the two
 implementations interleaved. Other processes on the machine distort them; the load average is recorded.
@@ -30,7 +32,7 @@ from tqdm.auto import tqdm
 import polytope_lab as pl
 from polytope_lab import data, models
 
-from . import benchmark_exact
+from . import benchmark_exact, benchmark_scaling
 from ._common import base_parser, machine_load, time_interleaved, to_markdown, write_table
 
 EPS = 0.1
@@ -44,6 +46,7 @@ REPORTED_FIGURES = {
     "alpha_crown": "auto_LiRPA α-CROWN: 193/200 certified, ≈1540 ms/image",
     "robust_errors_500": "32 on the first 500",
 }
+PARTS = "abcdefgh"
 COLUMNS = ["part", "quantity", "polytope_lab", "convex_adversarial", "reference / ours", REPORTED, "note"]
 
 
@@ -58,15 +61,17 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per batch (median taken)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--full", action="store_true", help="part c: certify all 10,000 test images")
-    parser.add_argument("--parts", default="abcdef", help="which parts to run, e.g. 'ad' or 'ef'")
+    parser.add_argument("--parts", default=PARTS, help="which parts to run, e.g. 'ad' or 'ef'")
     benchmark_exact.add_arguments(parser)
+    benchmark_scaling.add_arguments(parser)
     args = parser.parse_args(argv)
-    unknown = set(args.parts) - set("abcdef")
+    unknown = set(args.parts) - set(PARTS)
     if unknown:
-        parser.error(f"--parts takes letters from 'abcdef', got {args.parts!r}")
+        parser.error(f"--parts takes letters from {PARTS!r}, got {args.parts!r}")
     if args.quick:
         args.n_images, args.n_compare, args.batch, args.reps = 20, 20, 10, 1
         benchmark_exact.quick(args)
+        benchmark_scaling.quick(args)
     return args
 
 
@@ -325,11 +330,16 @@ def main(argv=None):
         rows += part_d(model, X, y, args, ca)
     if "e" in args.parts:
         rows += benchmark_exact.part_e(model, X, y, EPS, args)
-    if "f" in args.parts:
+    if "f" in args.parts or "g" in args.parts:
         X_train, y_train = data.mnist("train", root=args.data_dir)
+    if "f" in args.parts:
         mlp = benchmark_exact.trained_mlp(X_train, y_train, EPS, args)
         rows += benchmark_exact.part_f({"ConvNet": (model, X, y), "MLP 784-100-100-10": (mlp, X.flatten(1), y)},
                                        EPS, args)
+    if "g" in args.parts:
+        rows += benchmark_scaling.part_g(model, X_train, y_train, EPS, args, ca)
+    if "h" in args.parts:
+        rows += benchmark_scaling.part_h(X, y, EPS, args)
 
     df = pd.DataFrame(rows)
     df = df.reindex(columns=COLUMNS + [c for c in df.columns if c not in COLUMNS])
@@ -341,6 +351,9 @@ def main(argv=None):
         "full": args.full, "parts": args.parts,
         "milp_images": args.milp_images, "milp_solvers": args.milp_solvers,
         "milp_time_limit": args.milp_time_limit, "lp_images": args.lp_images, "seconds_total": round(time.perf_counter() - started, 1),
+        "proj": args.proj, "train_steps": args.train_steps, "memory_batches": args.memory_batches,
+        "max_memory_mib": args.max_memory_mib, "column_chunk": args.column_chunk,
+        "memory_settings": args.memory_settings,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "convex_adversarial": package_version("convex_adversarial") if ca else f"missing ({ca_why})",
         "load_at_start": load_start, "load_at_end": load_end,

@@ -83,11 +83,12 @@ def test_benchmark_quick(tmp_path):
     table = pd.read_csv(tmp_path / "results.csv")
     assert list(table.columns)[:len(benchmark.COLUMNS)] == benchmark.COLUMNS
     assert len(table) == len(df)
-    assert set(table["part"]) == set("abcdef")
+    assert set(table["part"]) == set("abcdefgh")
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["quick"] and meta["n_images"] == 20
     rows = table.set_index("quantity")
     check_exact_parts(tmp_path, table, data_dir, model)
+    check_scaling_parts(table)
     timing = rows.loc["dual bounds, ms/image (batches of 10)"]
     assert timing["polytope_lab"] > 0
     try:
@@ -121,3 +122,22 @@ def check_exact_parts(out, table, data_dir, model_path):
         for k in ["dual", "dual-optimized"]:
             assert float(f.loc[f"{net_name}: LP − {k} margin lower bound, mean (max)", "polytope_lab"]) >= -1e-4
         assert float(f.loc[f"{net_name}: lp, s/example (lower and upper of 9 margins)", "polytope_lab"]) > 0
+
+
+def check_scaling_parts(table):
+    """Parts g and h of a --quick benchmark: both training variants timed, losses finite and the estimate
+    labelled; column chunking bounds the same images with the same verdicts as the unchunked bound."""
+    g = table[table["part"] == "g"].set_index("quantity")
+    steps = g[g.index.str.startswith("robust training step")]["polytope_lab"].astype(float)
+    assert len(steps) == 2 and (steps > 0).all()
+    speedup = float(g.loc["training step speed-up with proj=50 (exact / projected, wall)", "polytope_lab"])
+    assert speedup == pytest.approx(steps.iloc[0] / steps.iloc[1])
+    exact_loss = float(g.loc["robust loss on the first batch (exact)", "polytope_lab"])
+    assert 0 < exact_loss < 1  # the pretrained model is robust on most of its training images at ε = 0.1
+    assert "not a certified error" in g.loc["robust loss on the first batch (proj=50)", "note"]
+    h = table[table["part"] == "h"].set_index("quantity")
+    unchunked = h.loc["exact bound, batch 10, unchunked: peak memory, MiB"]
+    columns = h.loc["exact bound, batch 10, column chunks (column_chunk 64): peak memory, MiB"]
+    assert float(unchunked["polytope_lab"]) > 0 and float(columns["polytope_lab"]) > 0
+    certified = [note.split("; ")[2] for note in (unchunked["note"], columns["note"])]
+    assert certified[0] == certified[1] and certified[0].endswith("/10 certified")
