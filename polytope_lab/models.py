@@ -32,6 +32,18 @@ def mlp(sizes) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def random_mlp(sizes, generator: torch.Generator) -> nn.Sequential:
+    """The paper's random network (§4.1): an :func:`mlp` in float64 with weights N(0, 1/fan_in) (std
+    1/√fan_in) and biases N(0, 1), drawn layer by layer from ``generator``; parameters frozen, eval mode."""
+    net = mlp(sizes).double()
+    with torch.no_grad():
+        for layer in net:
+            if isinstance(layer, nn.Linear):
+                layer.weight.normal_(0.0, layer.in_features ** -0.5, generator=generator)
+                layer.bias.normal_(0.0, 1.0, generator=generator)
+    return net.requires_grad_(False).eval()
+
+
 def load_state(model: nn.Module, path) -> nn.Module:
     """Load the state_dict at ``path`` (mapped to the CPU) into ``model``; returns it in eval mode."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -41,4 +53,4 @@ def load_state(model: nn.Module, path) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["mnist_convnet", "mlp", "load_state"]
+__all__ = ["mnist_convnet", "mlp", "random_mlp", "load_state"]

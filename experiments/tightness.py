@@ -1,0 +1,547 @@
+"""Tightness of the bounds: interval, dual, optimised dual, LP and exact MILP on the same problems.
+
+    python -m experiments.tightness --eps 0.05 0.1 0.25      # part A; part B's MLP when MNIST is found
+    python -m experiments.tightness --model ../shared/models/wong_kolter_mnist_eps0.1.pth --data-dir ../shared/data
+    python -m experiments.tightness --quick                  # seconds: small networks (CI)
+
+A. The paper's random 2-D network (§4.1, eqs. 36–37): a 2-100-100-100-100-2 MLP with weights N(0, std
+   1/√fan_in) and biases N(0, 1), and a centre x₀ ~ U[0, 1]² (the paper does not give its x₀; both come
+   from ``--seed``), L∞ ball of radius ε, not clipped. For each ε and output coordinate, the range
+   [lower, upper] that each method gives: "milp" (exact: the true range), "lp" (the convex relaxation,
+   eq. 15, with the dual's intermediate bounds), "dual-optimized" (α optimised in the final objective,
+   same intermediate bounds), "dual" (Algorithm 1) and "interval" (naive layerwise bounds, eq. 37), plus
+   "grid": the attained range on a dense grid of the box (an inner estimate that checks the MILP).
+B. MNIST (test images 0…--samples−1, L∞ ball ∩ [0, 1]): the pretrained ConvNet (``--model``) and a
+   784-100-100-10 MLP trained here with the provable objective (checkpointed in ``--out``). For image i
+   with label y and method M, the *margin lower bound* is ``min_{j≠y} L_M(i, j)``, where ``L_M(i, j)`` is
+   M's lower bound of ``min_{x'} f_y(x') − f_j(x')`` over the ball; the image is certified iff it is > 0.
+   The table gives its mean over the images, the certified fraction and seconds per image. The MILP
+   (``--milp-mode certify``, the default) only decides the sign of each margin: it gives the exact
+   verdict (certified / counterexample) and no margin; ``--milp-mode bound`` solves the margins exactly.
+
+Checks ("check" column), per coordinate or image, each method against the next tighter one present:
+interval ⊇ dual ⊇ dual-optimized ⊇ lp ⊇ milp ⊇ grid within ``--tol`` (relative). dual ⊇ dual-optimized
+(the optimiser starts at the fixed α and keeps the best), dual-optimized ⊇ lp (weak duality, same
+intermediate bounds) and lp ⊇ milp ⊇ grid are theorems up to the LP solver's tolerance; interval ⊇ dual is
+observed, not guaranteed. In part B: every sound "certified" must agree with the MILP (no counterexample).
+
+Outputs in ``--out``: ``random_net.csv/.md/.json`` (part A), ``mnist_images.csv`` (part B per image),
+``mnist.csv/.md/.json`` (part B summary), ``random_net.png``, ``mnist_certified.png``, the MLP's
+checkpoint and training log, ``settings.json``. Rows are appended as they are computed; a rerun skips
+rows already there (``--overwrite`` recomputes). ``--budget`` caps the seconds spent per (network, ε,
+method) in part B: images after it are skipped and the table's ``images`` column says how many ran. An
+LP solve that hits ``--lp-time-limit`` keeps the dual's bound for that row (status "user_limit"), and the
+LP's remaining images at that and larger ε are skipped (on the ConvNet at ε = 0.25 the LP of one image
+ran 14 minutes without finishing).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+import matplotlib.lines
+import matplotlib.patches
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+import polytope_lab as pl
+from polytope_lab import data, models, polytopes, training
+from polytope_lab.bounds import CROSS_CHECK_METHODS
+
+from ._common import base_parser, to_markdown, write_table
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+#: loosest to tightest: each method's range should contain the next one's
+METHODS = ["interval", "dual", "dual-optimized", "lp", "milp"]
+BATCHED = {"interval", "dual", "dual-optimized"}  # run on all images at once (solvers: one image per call)
+CLIP = (0.0, 1.0)
+EXACT = ("optimal", "certified", "counterexample")  # solver statuses of an exact answer
+N_CLASSES = 10
+A_COLUMNS = ["eps", "coordinate", "method", "lower", "upper", "width", "width / true width", "seconds", "status",
+             "check"]
+IMAGE_COLUMNS = ["network", "eps", "method", "image", "label", "margin lower bound", "certified", "status",
+                 "seconds"]
+B_COLUMNS = ["network", "eps", "method", "images", "mean margin lower bound", "certified fraction",
+             "seconds per image", "statuses", "check"]
+COLORS = {"interval": "tab:gray", "dual": "tab:blue", "dual-optimized": "tab:cyan", "lp": "tab:green",
+          "milp": "tab:red", "grid": "black"}
+
+#: hollow markers of decreasing size, so that coinciding lines stay visible
+MARKERS = {"interval": dict(marker="s", ms=7), "dual": dict(marker="o", ms=11, mfc="none"),
+           "dual-optimized": dict(marker="D", ms=8, mfc="none", ls="--"), "lp": dict(marker="^", ms=5, ls=":"),
+           "milp": dict(marker="*", ms=15, mfc="none", lw=2.5, alpha=0.7)}
+DEFAULTS = dict(sizes=[2, 100, 100, 100, 100, 2], grid=401, samples=20, mlp_sizes=[784, 100, 100, 10],
+                mlp_images=10_000, mlp_epochs=2, mlp_eps=0.1, mlp_warmup=1, budget=600.0, milp_time_limit=60.0,
+                lp_time_limit=5.0)
+QUICK = dict(DEFAULTS, sizes=[2, 20, 20, 20, 2], grid=101, samples=3, mlp_sizes=[784, 20, 10], mlp_images=2000,
+             mlp_epochs=1, budget=30.0, milp_time_limit=10.0, lp_time_limit=2.0)
+
+
+def parse_args(argv=None):
+    parser = base_parser(__doc__.strip().splitlines()[0], default_out="figures/tightness")
+    parser.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.1, 0.25], help="L∞ radii")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="backends to run")
+    parser.add_argument("--model", default=None, help="state_dict of the paper's MNIST ConvNet (part B)")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory holding mnist/ (default: $POLYTOPE_LAB_DATA, else ~/.cache/polytope_lab)")
+    parser.add_argument("--parts", default="AB", help="which parts to run: A, B or AB")
+    parser.add_argument("--samples", type=int, default=None,
+                        help=f"MNIST test images per (network, ε) (default {DEFAULTS['samples']}, quick {QUICK['samples']})")
+    parser.add_argument("--milp-mode", choices=["certify", "bound"], default="certify",
+                        help="part B: MILP sign decisions only (fast), or exact margins")
+    parser.add_argument("--milp-time-limit", type=float, default=None,
+                        help=f"seconds per MILP solve (default {DEFAULTS['milp_time_limit']})")
+    parser.add_argument("--lp-time-limit", type=float, default=None,
+                        help=f"seconds per LP solve; a row that hits it keeps the dual's bound "
+                             f"(default {DEFAULTS['lp_time_limit']})")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"part B: seconds per (network, ε, method) before its remaining images are "
+                             f"skipped (default {DEFAULTS['budget']})")
+    parser.add_argument("--mlp-epochs", type=int, default=None,
+                        help=f"epochs of provable training of the MLP (default {DEFAULTS['mlp_epochs']})")
+    parser.add_argument("--tol", type=float, default=1e-5, help="relative tolerance of the containment checks")
+    parser.add_argument("--overwrite", action="store_true", help="recompute rows already in --out")
+    args = parser.parse_args(argv)
+    cfg = dict(QUICK if args.quick else DEFAULTS)
+    for key in ("samples", "milp_time_limit", "lp_time_limit", "budget", "mlp_epochs"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if min(args.eps) <= 0 or cfg["samples"] < 1 or cfg["mlp_epochs"] < 1 or cfg["budget"] <= 0:
+        parser.error("every ε must be > 0, --samples and --mlp-epochs ≥ 1, --budget > 0")
+    if not set(args.parts.upper()) <= {"A", "B"} or not args.parts:
+        parser.error(f"--parts must be A, B or AB, got {args.parts!r}")
+    args.parts = args.parts.upper()
+    args.methods = [m for m in METHODS if m in args.methods]  # loosest first
+    return args, cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# plumbing: resumable CSV of rows, bounders, settings
+# --------------------------------------------------------------------------------------------------
+
+
+class Rows:
+    """A CSV of result rows, appended as they come; ``done(key)`` tells a resumed run what to skip."""
+
+    def __init__(self, path: Path, columns: list, key: list):
+        self.path, self.columns, self.key = path, columns, key
+        self.df = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=columns)
+        self.keys = {self._key(r) for r in self.df.to_dict("records")}
+
+    def _key(self, row) -> tuple:
+        return tuple(round(v, 12) if isinstance(v, float) else v for v in (row[k] for k in self.key))
+
+    def done(self, **key) -> bool:
+        return self._key(key) in self.keys
+
+    def append(self, row: dict) -> None:
+        new = pd.DataFrame([row]).reindex(columns=self.columns)
+        new.to_csv(self.path, mode="a", header=not self.path.is_file(), index=False)
+        self.df = new if self.df.empty else pd.concat([self.df, new], ignore_index=True)
+        self.keys.add(self._key(row))
+
+
+def make_bounder(label: str, args, cfg):
+    """The backend behind a method label (as in ``pl.cross_check``), with this run's device and limits."""
+    name, options = CROSS_CHECK_METHODS[label]
+    options = dict(options)
+    if name == "dual":
+        options["device"] = args.device
+    if name == "milp":
+        options["time_limit"] = cfg["milp_time_limit"]
+    if name == "lp":
+        options["solver_options"] = {"time_limit": float(cfg["lp_time_limit"])}
+    return pl.Bounder.create(name, **options)
+
+
+def warm_up(label, bounder, model, region, C, warmed: set, key=None) -> None:
+    """One untimed call of a batched backend before its first timed one (it pays one-off setup costs:
+    autograd, thread pools); once per ``key``."""
+    if label in BATCHED and (label, key) not in warmed:
+        bounder.bound(model, region.select(slice(0, 1)), C[:1] if C.dim() == 3 else C)
+        warmed.add((label, key))
+
+
+def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse to mix rows made under other settings into ``out`` (unless overwriting)."""
+    path = out / "settings.json"
+    if path.is_file() and not overwrite:
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in settings if k in old and old[k] != settings[k])
+        if changed:
+            raise SystemExit(f"{out} holds results made with other settings ({', '.join(changed)}: "
+                             f"{[old[k] for k in changed]} there, {[settings[k] for k in changed]} now); "
+                             f"use --overwrite or another --out")
+        settings = {**old, **settings}
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def slack(outer_lo, outer_hi, inner_lo, inner_hi, tol):
+    """How far ``[outer_lo, outer_hi]`` fails to contain ``[inner_lo, inner_hi]`` beyond the relative ``tol``
+    (≤ 0: it contains it). NaN bounds (a side not computed) are ignored."""
+    gaps = [outer_lo - inner_lo - tol * max(1.0, abs(inner_lo)), inner_hi - outer_hi - tol * max(1.0, abs(inner_hi))]
+    gaps = [g for g in gaps if not math.isnan(g)]
+    return max(gaps) if gaps else -math.inf
+
+
+# --------------------------------------------------------------------------------------------------
+# part A: the random 2-D network
+# --------------------------------------------------------------------------------------------------
+
+
+def random_network(sizes, seed: int):
+    """The paper's random network (float64) and a centre x₀ ~ U[0, 1]^n0, both from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    net = models.random_mlp(sizes, g)
+    return net, torch.rand(1, sizes[0], generator=g, dtype=torch.float64)
+
+
+def part_a(args, cfg, out: Path) -> pd.DataFrame:
+    net, x0 = random_network(cfg["sizes"], args.seed)
+    rows = Rows(out / "random_net.csv", A_COLUMNS, ["eps", "coordinate", "method"])
+    bounders = {m: make_bounder(m, args, cfg) for m in args.methods}
+    n_out, warmed = cfg["sizes"][-1], set()
+    for eps in tqdm(args.eps, desc="A: random net"):
+        region = pl.LinfBall(x0, eps)
+        for j in range(1, n_out + 1):
+            C = torch.eye(n_out, dtype=torch.float64)[j - 1:j]                      # (1, n_out): e_j
+            for label in args.methods:
+                if rows.done(eps=eps, coordinate=j, method=label):
+                    continue
+                warm_up(label, bounders[label], net, region, C, warmed)
+                b = bounders[label].bound(net, region, C)
+                lo, hi = b.lower[0, 0].item(), b.upper[0, 0].item()
+                rows.append({"eps": eps, "coordinate": j, "method": label, "lower": lo, "upper": hi,
+                             "width": hi - lo, "seconds": b.seconds, "status": b.status[0]})
+            if not rows.done(eps=eps, coordinate=j, method="grid"):
+                start = time.perf_counter()
+                _, outputs, _ = polytopes.image_of_box(net, region, cfg["grid"])     # (n², n_out)
+                lo, hi = float(outputs[:, j - 1].min()), float(outputs[:, j - 1].max())
+                rows.append({"eps": eps, "coordinate": j, "method": "grid", "lower": lo, "upper": hi,
+                             "width": hi - lo, "seconds": time.perf_counter() - start,
+                             "status": f"attained on a {cfg['grid']}² grid"})
+        table = finish_a(rows.df, args.eps, args.tol)
+        write_table(table, out, "random_net", json_too=True,
+                    meta={"sizes": cfg["sizes"], "x0": x0[0].tolist(), "seed": args.seed, "grid": cfg["grid"],
+                          "milp_time_limit": cfg["milp_time_limit"], "lp_time_limit": cfg["lp_time_limit"]})
+    plot_a(table, net, x0, cfg, out / "random_net.png")
+    return table
+
+
+def finish_a(df: pd.DataFrame, eps_list, tol: float) -> pd.DataFrame:
+    """Part A's table for the ε in ``eps_list``: width ratios to the MILP's (true) range and the checks."""
+    order = METHODS + ["grid"]
+    df = df[df["eps"].round(12).isin([round(e, 12) for e in eps_list])].copy()
+    df["rank"] = df["method"].map(order.index)
+    df = df.sort_values(["eps", "coordinate", "rank"]).reset_index(drop=True)
+    ratio, check = {}, {}
+    for _, group in df.groupby(["eps", "coordinate"]):
+        by = group.set_index("method")
+        true = by.loc["milp", "width"] if "milp" in by.index else math.nan
+        for idx, row in group.iterrows():
+            ratio[idx] = row["width"] / true if true > 0 else math.nan
+            check[idx] = check_a(row["method"], by, order, tol)
+    df["width / true width"], df["check"] = pd.Series(ratio, dtype=float), pd.Series(check, dtype=object)
+    return df[A_COLUMNS]
+
+
+def check_a(method: str, by: pd.DataFrame, order: list, tol: float) -> str:
+    """Whether the method's range contains the next tighter method's and the grid's attained range."""
+    if method == "grid":
+        return "reference (attained)"
+    tighter = [m for m in order[order.index(method) + 1:] if m in by.index]
+    refs = tighter[:1] + (["grid"] if "grid" in by.index and tighter[:1] != ["grid"] else [])
+    if refs and refs[0] == "milp" and by.loc["milp", "status"] != "optimal":
+        refs = refs[1:]                                    # a time-limited MILP gives no exact range
+    problems = []
+    for ref in refs:
+        gap = slack(by.loc[method, "lower"], by.loc[method, "upper"], by.loc[ref, "lower"], by.loc[ref, "upper"], tol)
+        if gap > 0:
+            problems.append(f"does not contain {ref} (by {gap:.3g})")
+    return "; ".join(problems) or ("ok ⊇ " + ", ".join(refs) if refs else "ok")
+
+
+def plot_a(table: pd.DataFrame, net, x0, cfg, path: Path) -> None:
+    """Per ε: the widths per method and coordinate (log scale, interval's ratio to the true width written
+    above its bar), and the output-space boxes around the image of a grid of the input box (the true
+    set); the interval box is far outside that panel."""
+    eps_list = sorted(table["eps"].unique())
+    fig, axes = plt.subplots(len(eps_list), 2, figsize=(11, 3.4 * len(eps_list) + 0.6), squeeze=False)
+    methods = [m for m in METHODS + ["grid"] if m in set(table["method"])]
+    styles = {"dual-optimized": dict(lw=3.5, ls="-", alpha=0.6)}              # under the LP's box it overlays
+    for r, eps in enumerate(eps_list):
+        t = table[table["eps"] == eps].set_index(["coordinate", "method"])
+        coords = sorted(table["coordinate"].unique())
+        ax = axes[r, 0]
+        width = 0.8 / len(methods)
+        for k, m in enumerate(methods):
+            xs = np.arange(len(coords)) + (k - (len(methods) - 1) / 2) * width
+            ax.bar(xs, [t.loc[(j, m), "width"] if (j, m) in t.index else np.nan for j in coords], width,
+                   color=COLORS[m])
+            if m == "interval":
+                for x, j in [(x, j) for x, j in zip(xs, coords) if (j, m) in t.index]:
+                    ratio = t.loc[(j, m), "width / true width"]
+                    ax.annotate(f"×{ratio:.0f}" if ratio >= 100 else f"×{ratio:.3g}", (x, t.loc[(j, m), "width"]),
+                                ha="center", va="bottom", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylim(table["width"].min() / 3, table["width"].max() * 4)
+        ax.set_xticks(range(len(coords)), [f"output $z_{{{j}}}$" for j in coords])
+        ax.set_ylabel("width of [lower, upper]")
+        ax.set_title(f"ε = {eps:g}: width of each method's range")
+        ax.grid(axis="y", alpha=0.3)
+        ax = axes[r, 1]
+        _, outputs, _ = polytopes.image_of_box(net, pl.LinfBall(x0, eps), min(cfg["grid"], 201))
+        ax.scatter(outputs[:, 0], outputs[:, 1], s=1, color="0.75", rasterized=True)
+        for m in [m for m in methods if m not in ("interval", "grid") and all((j, m) in t.index for j in coords)]:
+            (l1, l2), (u1, u2) = ([t.loc[(j, m), side] for j in coords[:2]] for side in ("lower", "upper"))
+            ax.add_patch(plt.Rectangle((l1, l2), u1 - l1, u2 - l2, fill=False, color=COLORS[m],
+                                       **styles.get(m, dict(lw=1.5))))
+        ax.autoscale_view()
+        ax.margins(0.05)
+        ax.set_xlabel("output $z_1$")
+        ax.set_ylabel("output $z_2$")
+        ax.set_title(f"ε = {eps:g}: output boxes around the true set")
+    handles = [matplotlib.patches.Patch(color=COLORS[m], label="grid (attained)" if m == "grid" else m)
+               for m in methods]
+    handles.append(matplotlib.lines.Line2D([], [], ls="", marker="o", color="0.75", label="f(x′), x′ on a grid"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.suptitle(f"Random {'-'.join(map(str, cfg['sizes']))} network (paper §4.1): range of each output "
+                 f"over the L∞ ball around x₀")
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# part B: MNIST networks
+# --------------------------------------------------------------------------------------------------
+
+
+def trained_mlp(X_train, y_train, args, cfg, out: Path):
+    """The MLP trained with the provable objective at ``mlp_eps`` (ε warm-up over ``mlp_warmup`` epochs) on
+    the first ``mlp_images`` training images; checkpointed in ``out``, so a rerun resumes or reuses it."""
+    n, epochs = cfg["mlp_images"], cfg["mlp_epochs"]
+    torch.manual_seed(args.seed)                                  # the initial weights
+    net = nn.Sequential(nn.Flatten(), *models.mlp(cfg["mlp_sizes"]))
+    directory = out / f"mlp_{'-'.join(map(str, cfg['mlp_sizes']))}_{n}_images_{epochs}_epochs"
+    log = training.train(net, X_train[:n], y_train[:n], mode="robust", eps=cfg["mlp_eps"], epochs=epochs,
+                         warmup_epochs=min(cfg["mlp_warmup"], epochs), clip=CLIP, seed=args.seed,
+                         checkpoint_dir=directory, log_path=directory / "training_log.csv",
+                         resume=not args.overwrite, architecture={"name": "flatten+mlp", "sizes": cfg["mlp_sizes"]})
+    return net, log
+
+
+def networks(args, cfg, out: Path):
+    """{name: model} for part B and notes on what was skipped; (X, y) of the test images."""
+    notes = []
+    try:
+        X, y = data.mnist("test", root=args.data_dir)
+    except FileNotFoundError as e:
+        if args.model:
+            raise SystemExit(f"--model was given but the MNIST test set is missing: {e}") from e
+        return {}, None, [f"part B skipped: no MNIST data ({e})"]
+    nets = {}
+    if args.model:
+        nets[f"ConvNet ({Path(args.model).stem})"] = models.load_state(models.mnist_convnet(), args.model)
+    else:
+        notes.append("part B: pretrained ConvNet skipped (pass --model PATH to include it)")
+    X_train, y_train = data.mnist("train", root=args.data_dir)
+    mlp, log = trained_mlp(X_train, y_train, args, cfg, out)
+    last = log.iloc[-1]
+    notes.append(f"MLP trained {len(log)} epochs on {cfg['mlp_images']} images at ε = {cfg['mlp_eps']}: training "
+                 f"error {last['error']:.3f}, robust error (dual bound) {last['robust_error']:.3f}")
+    nets[f"MLP {'-'.join(map(str, cfg['mlp_sizes']))} (robust, ε={cfg['mlp_eps']:g})"] = mlp
+    return nets, (X[:cfg["samples"]], y[:cfg["samples"]]), notes
+
+
+def bound_images(label, bounder, model, X, y, eps, milp_mode):
+    """One call of ``label`` on images X: per image (margin lower bound, certified, status, seconds)."""
+    region = pl.LinfBall(X, eps, clip=CLIP)
+    start = time.perf_counter()
+    if label == "milp" and milp_mode == "certify":
+        cert = bounder.certify(model, region, y)
+        margins = [math.nan] * len(X)
+        certified, status = cert.certified.tolist(), list(cert.status)
+    else:
+        b = bounder.bound(model, region, pl.margin_matrix(y, N_CLASSES))
+        margins = b.lower.min(dim=1).values.tolist()
+        certified, status = b.certified.tolist(), list(b.status)
+    seconds = (time.perf_counter() - start) / len(X)
+    return [(m, c, s, seconds) for m, c, s in zip(margins, certified, status)]
+
+
+def part_b(args, cfg, out: Path):
+    nets, test, notes = networks(args, cfg, out)
+    if not nets:
+        return pd.DataFrame(columns=B_COLUMNS), notes
+    X, y = test
+    rows = Rows(out / "mnist_images.csv", IMAGE_COLUMNS, ["network", "eps", "method", "image"])
+    bounders = {m: make_bounder(m, args, cfg) for m in args.methods}
+    tasks = [(name, eps, m) for name in nets for eps in sorted(args.eps) for m in args.methods]  # ε ascending: see lp
+    warmed = set()
+    for name, eps, label in tqdm(tasks, desc="B: MNIST"):
+        spent = rows.df[(rows.df["network"] == name) & (rows.df["eps"].round(12) == round(eps, 12))
+                        & (rows.df["method"] == label)]["seconds"].sum()
+        todo = [i for i in range(len(X)) if not rows.done(network=name, eps=eps, method=label, image=i)]
+        chunks = [todo] if label in BATCHED else [[i] for i in todo]
+        for chunk in tqdm([c for c in chunks if c], desc=f"{label}, ε={eps:g}", leave=False):
+            if label == "lp" and lp_timed_out(rows.df, name, eps):
+                notes.append(f"{name}, ε={eps:g}, lp: an LP solve hit --lp-time-limit at this or a smaller ε; "
+                             f"the remaining images are skipped (the LP only grows with ε)")
+                break
+            if spent >= cfg["budget"]:
+                done = sum(rows.done(network=name, eps=eps, method=label, image=i) for i in range(len(X)))
+                notes.append(f"{name}, ε={eps:g}, {label}: budget of {cfg['budget']:g} s spent after "
+                             f"{done} of {len(X)} images")
+                break
+            idx = torch.tensor(chunk)
+            warm_up(label, bounders[label], nets[name], pl.LinfBall(X[idx[:1]], eps, clip=CLIP),
+                    pl.margin_matrix(y[idx[:1]], N_CLASSES), warmed, key=name)
+            results = bound_images(label, bounders[label], nets[name], X[idx], y[idx], eps, args.milp_mode)
+            for i, (margin, cert, status, seconds) in zip(chunk, results):
+                rows.append({"network": name, "eps": eps, "method": label, "image": i, "label": int(y[i]),
+                             "margin lower bound": margin, "certified": bool(cert), "status": status,
+                             "seconds": seconds})
+                spent += seconds
+        summary = summarise(rows.df, list(nets), args.eps, args.methods, len(X), args.tol)
+        write_table(summary, out, "mnist", json_too=True,
+                    meta={"samples": len(X), "clip": CLIP, "milp_mode": args.milp_mode,
+                          "milp_time_limit": cfg["milp_time_limit"], "lp_time_limit": cfg["lp_time_limit"],
+                          "budget": cfg["budget"], "notes": notes})
+    plot_b(summary, out / "mnist_certified.png")
+    return summary, notes
+
+
+def lp_timed_out(df: pd.DataFrame, name: str, eps: float) -> bool:
+    """Whether an LP of this network hit its time limit at ε or below (CVXPY's status "user_limit")."""
+    return bool(((df["network"] == name) & (df["method"] == "lp") & (df["eps"] <= eps + 1e-12)
+                 & (df["status"] == "user_limit")).any())
+
+
+def summarise(df: pd.DataFrame, names, eps_list, methods, samples: int, tol: float) -> pd.DataFrame:
+    """Part B's table from the per-image rows (images 0…samples−1 of the selected networks, ε, methods)."""
+    df = df[df["network"].isin(names) & df["eps"].round(12).isin([round(e, 12) for e in eps_list])
+            & df["method"].isin(methods) & (df["image"] < samples)]
+    out = []
+    for name in names:
+        for eps in eps_list:
+            sub = df[(df["network"] == name) & (df["eps"].round(12) == round(eps, 12))]
+            per = {m: g.set_index("image") for m, g in sub.groupby("method")}
+            for m in [m for m in METHODS if m in per]:
+                g = per[m]
+                statuses = g["status"].value_counts()
+                out.append({"network": name, "eps": eps, "method": m, "images": len(g),
+                            "mean margin lower bound": g["margin lower bound"].mean(),
+                            "certified fraction": g["certified"].astype(bool).mean(),
+                            "seconds per image": g["seconds"].mean(),
+                            "statuses": ", ".join(f"{s} {n}" for s, n in statuses.items()),
+                            "check": check_b(m, per, tol)})
+    return pd.DataFrame(out, columns=B_COLUMNS)
+
+
+def check_b(method: str, per: dict, tol: float) -> str:
+    """Per image: the margin is at most the next tighter method's and a certified image stays certified by
+    it (LP/MILP only where they solved exactly), and no image it certifies has a MILP counterexample."""
+    if method == "milp":
+        undecided = int((~per["milp"]["status"].isin(EXACT)).sum())
+        return f"{undecided} images not solved exactly (time limit)" if undecided else "exact"
+    g = per[method]
+    problems = []
+    tighter = [m for m in METHODS[METHODS.index(method) + 1:] if m in per]
+    if tighter:
+        ref = per[tighter[0]]
+        common = g.index.intersection(ref.index)
+        a, b = g.loc[common], ref.loc[common]
+        if tighter[0] in ("lp", "milp"):                  # solver statuses other than these: a fallback bound
+            keep = b["status"].isin(EXACT)
+            a, b = a[keep], b[keep]
+        both = a["margin lower bound"].notna() & b["margin lower bound"].notna()
+        excess = a["margin lower bound"][both] - b["margin lower bound"][both]
+        excess = excess - tol * b["margin lower bound"][both].abs().clip(lower=1.0)
+        if (excess > 0).any():
+            problems.append(f"margin above {tighter[0]}'s on {int((excess > 0).sum())} images "
+                            f"(by ≤ {excess.max():.3g})")
+        lost = a["certified"].astype(bool) & ~b["certified"].astype(bool)
+        if lost.any():
+            problems.append(f"{int(lost.sum())} images certified but not by {tighter[0]}")
+    if "milp" in per:
+        milp = per["milp"]
+        common = g.index.intersection(milp.index)
+        wrong = g.loc[common, "certified"].astype(bool) & (milp.loc[common, "status"] == "counterexample")
+        if wrong.any():
+            problems.append(f"UNSOUND: {int(wrong.sum())} certified images have a MILP counterexample")
+    return "; ".join(problems) or "ok"
+
+
+def plot_b(summary: pd.DataFrame, path: Path) -> None:
+    """Per network: certified fraction and mean margin lower bound against ε, one line per method. Points
+    from fewer images than the network's others (budget) or from LPs that hit their time limit are left out."""
+    names = list(dict.fromkeys(summary["network"]))
+    if not names:
+        return
+    fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 7.5), squeeze=False)
+    for c, name in enumerate(names):
+        t = summary[summary["network"] == name]
+        t = t[(t["images"] == t["images"].max()) & ~t["statuses"].str.contains("user_limit")]
+        for m in [m for m in METHODS if m in set(t["method"])]:
+            s = t[t["method"] == m].sort_values("eps")
+            style = dict(color=COLORS[m], label="milp (exact verdicts)" if m == "milp" else m, **MARKERS[m])
+            axes[0, c].plot(s["eps"], s["certified fraction"], **style)
+            if s["mean margin lower bound"].notna().any():
+                axes[1, c].plot(s["eps"], s["mean margin lower bound"], **style)
+        margins = t["mean margin lower bound"].abs()
+        smallest = float(margins[margins > 0].min()) if (margins > 0).any() else 1.0
+        axes[1, c].set_yscale("symlog", linthresh=10.0 ** math.floor(math.log10(max(smallest, 1e-3))))
+        axes[0, c].set_title(name)
+        axes[0, c].set_ylabel("certified fraction")
+        axes[0, c].set_ylim(-0.03, 1.03)
+        axes[0, c].legend(fontsize=8)
+        axes[1, c].axhline(0, color="black", lw=0.8)
+        axes[1, c].set_ylabel("mean margin lower bound (symlog)")
+        for ax in axes[:, c]:
+            ax.set_xlabel("ε (L∞ ball ∩ [0, 1])")
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"MNIST test images 0–{int(summary['images'].max()) - 1}: how much each bound certifies")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args, cfg = parse_args(argv)
+    out = Path(args.out)
+    if args.overwrite:
+        for name in ("random_net.csv", "mnist_images.csv"):
+            (out / name).unlink(missing_ok=True)
+    settings = {"seed": args.seed, "quick": args.quick, "sizes": cfg["sizes"], "grid": cfg["grid"],
+                "mlp": {k: cfg[k] for k in ("mlp_sizes", "mlp_images", "mlp_epochs", "mlp_eps", "mlp_warmup")},
+                "milp_mode": args.milp_mode, "milp_time_limit": cfg["milp_time_limit"],
+                "lp_time_limit": cfg["lp_time_limit"]}
+    check_settings(out, settings, args.overwrite)
+    results, notes = {}, []
+    if "A" in args.parts:
+        results["random_net"] = part_a(args, cfg, out)
+        print(to_markdown(results["random_net"]))
+    if "B" in args.parts:
+        results["mnist"], notes = part_b(args, cfg, out)
+        print(to_markdown(results["mnist"]))
+    for note in notes:
+        print("note:", note)
+    print(f"wrote {out}/")
+    return results
+
+
+if __name__ == "__main__":
+    main()
