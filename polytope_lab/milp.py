@@ -823,9 +823,10 @@ class MILPBounder(Bounder):
                 continue
             point, inside = self._witness(out.x, lo_all[b], hi_all[b])
             with torch.no_grad():
-                wm = C64[b] @ net64(torch.from_numpy(point).reshape(1, *shape))[0]
+                f = net64(torch.from_numpy(point).reshape(1, *shape))[0]
+            wm = C64[b] @ f
             dist = float(np.max(np.abs(point - x64[b]))) if len(point) else 0.0
-            scale = 1.0 + float(torch.abs(net64(torch.from_numpy(point).reshape(1, *shape))).max())
+            scale = 1.0 + float(f.abs().max())
             verified = inside and float(wm.min()) <= 1e-5 * scale
             status = out.status if verified else "witness_error"
             if status == "stopped":
