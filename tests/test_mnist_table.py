@@ -56,7 +56,7 @@ def test_quick_run_writes_the_table(quick_run):
     table = pd.read_csv(out / "table.csv")
     assert list(table.columns) == COLUMNS
     assert list(table["model"]) == ["standard", "pgd", "robust"]
-    assert (table["test images"] == 200).all() and (table["train images"] == 500).all()
+    assert (table["test images"] == 100).all() and (table["train images"] == 500).all()
     header = (out / "table.md").read_text().splitlines()[0]
     assert [c.strip() for c in header.strip("|").split("|")] == COLUMNS
     assert "Notes:" in (out / "table.md").read_text()
@@ -92,6 +92,9 @@ def test_attacks_lie_below_the_bound(quick_run):
     # a verified counterexample is never certified by the sound bound; a MILP-certified image is never attacked
     assert not (per_image["status"].eq("counterexample") & ~per_image["bound_error"]).any()
     assert not (per_image["status"].eq("certified") & per_image["pgd_error"]).any()
+    # an image PGD breaks is a counterexample without a solve; every other image went to the solver
+    assert (per_image["by"] == per_image["pgd_error"].map({True: "pgd", False: "milp"})).all()
+    assert per_image.loc[per_image["by"] == "pgd", "status"].eq("counterexample").all()
 
 
 def _boom(*args, **kwargs):
