@@ -2,12 +2,14 @@
 from .attacks import fgsm, pgd, pgd_minimize
 from .bounds import Bounder, Bounds, cross_check, margin_matrix
 from .data import toy_points
-from .dual import DualBounder, EstimatedBounds, column_chunked_bounds, dual_objective, intermediate_bounds
+from .chunked import column_chunked_bounds
+from .dual import DualBounder, EstimatedBounds, dual_objective, intermediate_bounds
 from .interval import IntervalBounder, interval_bounds
 from .milp import (AdversarialDistance, Certification, MILPBounder, MILPBounds, certified_radius,
                    minimum_adversarial_distance)
 from .lp import LPBounder
-from .network import Network, from_torch
+from .convert import Builder, Expression, from_torch, register_layer, supported_layers, unregister_layer
+from .network import Network
 from .regions import L2Ball, LinfBall, Region
 from .training import eps_schedule, robust_loss, train
 
@@ -20,7 +22,7 @@ __all__ = [
     "MILPBounder", "MILPBounds", "Certification", "AdversarialDistance", "minimum_adversarial_distance",
     "certified_radius",
     "LPBounder",
-    "Network", "from_torch",
+    "Network", "from_torch", "register_layer", "unregister_layer", "supported_layers", "Builder", "Expression",
     "L2Ball", "LinfBall", "Region",
     "eps_schedule", "robust_loss", "train",
 ]

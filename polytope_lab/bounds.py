@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .network import Network, as_network
+from .convert import as_network
+from .network import Network
 from .regions import Region
 
 

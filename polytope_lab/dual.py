@@ -17,8 +17,10 @@ formula, so they agree to rounding (``strategy="forward"``/``"backward"`` keep t
 Two scaled variants (Wong et al. 2018b, "Scaling provable adversarial defenses"):
 - ``proj=k``: the frontier's ℓ1 terms estimated from k Cauchy random projections (median estimator), so
   a pass costs k columns instead of one per input dimension and unstable unit: for training; NOT sound.
-- :func:`column_chunked_bounds`: the exact bounds with the forward columns in chunks (optionally spread
-  over several devices), for one example too large to hold all its columns at once.
+  The estimators are in ``projections.py``.
+- :func:`~polytope_lab.chunked.column_chunked_bounds` (``chunked.py``): the exact bounds with the forward
+  columns in chunks (optionally spread over several devices), for one example too large to hold all its
+  columns at once.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 from .bounds import Bounder, Bounds
 from . import patches
 from .network import LinearOp, Network
+from .projections import check_proj, l1_estimate, l2_estimate, random_matrix
 from .regions import L2Ball, LinfBall, Region
 
 FLOAT_BYTES = 4
@@ -42,40 +45,6 @@ def relu_slopes(l: torch.Tensor, u: torch.Tensor):
     return d, unstable
 
 
-def check_proj(proj):
-    """``proj`` (None or a positive int, the number of random projections) or a ValueError."""
-    if proj is not None and (isinstance(proj, bool) or not isinstance(proj, int) or proj < 1):
-        raise ValueError(f"proj must be None or an integer >= 1 (the number of random projections), got {proj!r}")
-    return proj
-
-
-def _random(kind: str, shape, generator, like: torch.Tensor) -> torch.Tensor:
-    """I.i.d. standard Cauchy ("cauchy") or Gaussian ("gauss") entries, drawn on the CPU from ``generator``
-    (torch's global generator when None), so that a seed gives the same draws on every device."""
-    t = torch.empty(shape, dtype=torch.float64)
-    if kind == "cauchy":
-        t.cauchy_(generator=generator)
-    else:
-        t.normal_(generator=generator)
-    return t.to(device=like.device, dtype=like.dtype)
-
-
-def l1_estimate(S: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Median of ``|S|`` along ``dim`` (the mean of the two middle values for an even count): for ``S = v R``
-    with i.i.d. standard Cauchy R, each entry is Cauchy with scale ‖v‖₁, and median |Cauchy(0, 1)| = 1."""
-    a = S.abs()
-    k = a.shape[dim]
-    if k % 2:
-        return a.kthvalue((k + 1) // 2, dim).values
-    lower_half = a.topk(k // 2 + 1, dim, largest=False, sorted=False).values  # one selection, not two
-    return lower_half.topk(2, dim).values.mean(dim)
-
-
-def l2_estimate(S: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Root mean square of ``S`` along ``dim``: for ``S = v R`` with standard Gaussian R, E S² = ‖v‖₂²."""
-    return S.square().mean(dim).sqrt()
-
-
 def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, alpha=None,
               frontier=None):
     """Bounds on ``rowsᵀ ẑ`` at the output of affine ``top`` from the dual network (eq. 22–23).
@@ -83,7 +52,9 @@ def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor
     rows: (B, m, *out_shape of affine top). alpha: None for the fixed choice α = u/(u−l), giving
     (lower, upper); or one tensor per ReLU layer below ``top``, (B, m, *shape), giving (lower, None).
     frontier: a :class:`_Frontier` at some layer s ≤ top: the pass stops at layer s and takes the rest
-    of the dual network (with the fixed α) from the frontier's precomputed columns.
+    of the dual network (with the fixed α) from the frontier's precomputed columns (sequential networks).
+    Skip terms ``S_ij`` (Wong et al. 2018b, dense form): ``ν̂_j`` collects ``S_ijᵀ ν_{i+1}`` from every
+    affine i that reads z_j, and ``ν_{i+1}ᵀ b`` includes their biases.
     """
     B, m = rows.shape[:2]
     if frontier is not None and frontier.layer == 0:
@@ -93,10 +64,17 @@ def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor
     J = rows.new_zeros(B, m)        # linear part: Σ ω_{i+1}ᵀ b_i (+ ω̂_1ᵀ x below)
     relu_lo = rows.new_zeros(B, m)  # Σ_{j∈I} l_j [ν_j]_+ for c
     relu_up = rows.new_zeros(B, m)  # the same for −c (fixed α only)
+    incoming = {}  # j: Σ S_ijᵀ ω_{i+1} over the skip terms read so far, (B, m, n_j)
     for i in range(top, stop, -1):
         A = network.affines[i]
         J = J + (omega.reshape(B, m, -1) * A.bias().reshape(1, 1, -1)).sum(-1)      # ν_{i+1}ᵀ b_i
         omega_hat = A.transpose(omega.reshape(B * m, *A.out_shape)).reshape(B, m, *A.in_shape)  # ν̂_i = W_iᵀ ν_{i+1}
+        for j, S in network.skips_into(i):
+            J = J + (omega.reshape(B, m, -1) * S.bias().reshape(1, 1, -1)).sum(-1)
+            back = S.transpose(omega.reshape(B * m, *S.out_shape)).reshape(B, m, -1)
+            incoming[j] = back if j not in incoming else incoming[j] + back
+        if i in incoming:                                                       # ν̂_i += Σ_{i'} S_{i'i}ᵀ ν_{i'+1}
+            omega_hat = omega_hat + incoming.pop(i).reshape(omega_hat.shape)
         if i == 0:
             break
         l, u = bounds[i - 1]
@@ -179,7 +157,7 @@ class _Frontier:
         if not isinstance(region, (LinfBall, L2Ball)):
             raise ValueError(f"random projections need a LinfBall or an L2Ball, got {type(region).__name__}")
         kind = "cauchy" if isinstance(region, LinfBall) else "gauss"
-        R = _random(kind, (k, n0), self.generator, region.x)
+        R = random_matrix(kind, (k, n0), self.generator, region.x)
         if isinstance(region, LinfBall) and region.clip is not None:   # per-coordinate radius: one sketch per example
             R = (region.radius.reshape(B, 1, n0) * R).reshape(B * k, n0)
         else:
@@ -294,7 +272,7 @@ class _Frontier:
         S, S2 = (None if M is None else d.unsqueeze(1) * M for M in (self.S, self.S2))  # (B, k, n)
         shift = None if self.shift is None else d * self.shift
         if w is not None:
-            R = _random("cauchy", (1, k, w.shape[1]), self.generator, w)
+            R = random_matrix("cauchy", (1, k, w.shape[1]), self.generator, w)
             S = w.unsqueeze(1) * R if S is None else torch.addcmul(S, w.unsqueeze(1), R)
             shift = -w if shift is None else shift - w
         self.S, self.S2 = (None if M is None else A.linear(M.reshape(B * k, *A.in_shape)).reshape(B, k, -1)
@@ -340,12 +318,18 @@ def intermediate_bounds(network: Network, region: Region, strategy: str = "auto"
     ``proj=k``: the frontier's blocks of more than k columns are replaced by k random projections (see
     :class:`_Frontier`) drawn from ``generator`` (torch's global one when None); the bounds are then
     estimates, not sound (``frontier.estimated``). Rows that never reach the frontier stay exact.
+    A network with skip connections uses backward rows only ("auto" means "backward" there; "forward"
+    and ``proj`` raise).
     """
     if strategy not in ("auto", "forward", "backward"):
         raise ValueError(f"strategy must be 'auto', 'forward' or 'backward', got {strategy!r}")
     check_proj(proj)
+    if network.has_skips and (strategy == "forward" or proj is not None):
+        raise ValueError("a network with skip connections takes backward rows only (strategy 'auto' or "
+                         "'backward'); the forward frontier, and so random projections (proj), need a "
+                         "sequential network")
     bounds = []
-    use_frontier = strategy != "backward" and network.n_relu_layers > 0
+    use_frontier = strategy != "backward" and network.n_relu_layers > 0 and not network.has_skips
     frontier = _Frontier(network, region, proj, generator) if use_frontier else None
     B = region.batch_size
     for i in range(network.n_relu_layers):
@@ -411,82 +395,6 @@ def optimize_alpha(network, region, bounds, C, steps=20, lr=0.2, frontier=None):
     return best
 
 
-def _push_up(network: Network, slopes: list, M: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Columns kept as images, M (B|1, c, n), at the output of affine ``start`` carried through D and A up
-    to the output of affine ``stop``: (B, c, n')."""
-    for s in range(start + 1, stop + 1):
-        A, d = network.affines[s], slopes[s - 1]
-        M = A.linear((d.unsqueeze(1) * M).reshape(-1, *A.in_shape)).reshape(d.shape[0], M.shape[1], -1)
-    return M
-
-
-def column_chunked_bounds(network: Network, region: Region, column_chunk: int, devices=None) -> list:
-    """Algorithm 1's intermediate bounds (fixed α), exact, never holding more than ``column_chunk`` of the
-    forward columns at once: for one example too large for :func:`intermediate_bounds` (the reference's
-    ``robust_loss_parallel``). Returns (l, u) per ReLU layer, each (B, *shape), on the region's device.
-
-    The columns — the input identity and, for each ReLU layer, ``d_q e_q`` for its unstable units q — are
-    split into chunks. For the bounds of layer i each chunk is pushed from where it starts up to layer i
-    and reduced at once to its share of the sums (Σ rad·|F| or Σ F² for the input, Σ l[·]₊ for the units),
-    which add up over chunks; the chunk is then dropped and recomputed for the next layer. Memory:
-    O(B · column_chunk · widest layer) per device; time: each column is pushed once per layer above its
-    origin, so about depth/2 times the work of ``strategy="forward"``. ``devices``: torch devices that take
-    the chunks in turn (default: the region's); on CUDA they run concurrently (kernel launches are
-    asynchronous), on the CPU one after another.
-    """
-    if isinstance(column_chunk, bool) or not isinstance(column_chunk, int) or column_chunk < 1:
-        raise ValueError(f"column_chunk must be an integer >= 1, got {column_chunk!r}")
-    if not isinstance(region, (LinfBall, L2Ball)):
-        raise ValueError(f"column chunking needs a LinfBall or an L2Ball, got {type(region).__name__}")
-    main = region.x.device
-    devices = [torch.device(d) for d in (devices or [main])]
-    nets = {device: network.to(device) for device in set(devices)}
-    B, n0, dtype = region.batch_size, network.input_size, region.x.dtype
-    weight = region.radius.reshape(B, n0) if isinstance(region, LinfBall) else None    # None: L2, Σ F² then √
-    h = network.affines[0].forward(region.center).reshape(B, -1)                       # (B, n_i)
-    bounds, slopes, units = [], [], []  # units[j]: (order, dI, lI), each (B, q_j), of ReLU layer j
-    for i in range(network.n_relu_layers):
-        A = network.affines[i]
-        if i:
-            h = A.forward((slopes[-1] * h).reshape(B, *A.in_shape)).reshape(B, -1)
-        on = {device: [t.to(device) for t in slopes] for device in nets}
-        jobs = [(None, start) for start in range(0, n0, column_chunk)]
-        jobs += [(j, start) for j in range(i) for start in range(0, units[j][0].shape[1], column_chunk)]
-        radius, lo, up = [], [], []                                                     # parts, each (B|1, n_i)
-        for t, (j, start) in enumerate(jobs):
-            device = devices[t % len(devices)]
-            net = nets[device]
-            if j is None:  # input columns start..start + c of A_1·I
-                c = min(column_chunk, n0 - start)
-                eye = torch.zeros(c, n0, device=device, dtype=dtype)
-                eye[torch.arange(c, device=device), torch.arange(start, start + c, device=device)] = 1.0
-                M = net.affines[0].linear(eye.reshape(c, *network.input_shape)).reshape(1, c, -1)
-                M = _push_up(net, on[device], M, 0, i)                                  # (1|B, c, n_i)
-                w = None if weight is None else weight[:, start:start + c].to(device).unsqueeze(2)
-                radius.append(M.square().sum(1) if w is None else (M.abs() * w).sum(1))
-            else:  # unstable units start..start + c of ReLU layer j, entering at affine j + 1
-                order, dI, lI = (x[:, start:start + column_chunk].to(device).unsqueeze(2) for x in units[j])
-                G = _columns(net.affines[j + 1], order.squeeze(2), 0).transpose(1, 2) * dI  # (B, c, n_{j+1})
-                G = _push_up(net, on[device], G, j + 1, i)                              # (B, c, n_i)
-                lo.append((lI * (-G).clamp(min=0)).sum(1))
-                up.append((lI * G.clamp(min=0)).sum(1))
-        rad = sum(p.to(main) for p in radius)
-        if weight is None:
-            rad = region.eps[:, None] * rad.sqrt()
-        lower = h - rad + sum(p.to(main) for p in lo)
-        upper = h + rad - sum(p.to(main) for p in up)
-        bounds.append((lower.reshape(B, *A.out_shape), upper.reshape(B, *A.out_shape)))
-        if i + 1 < network.n_relu_layers:
-            d, unstable = relu_slopes(lower, upper)
-            slopes.append(d)
-            counts = unstable.sum(1)
-            q_max = int(counts.max()) if B else 0
-            order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :q_max]
-            valid = torch.arange(q_max, device=main)[None, :] < counts[:, None]
-            units.append((order, torch.gather(d, 1, order) * valid, torch.gather(lower, 1, order) * valid))
-    return bounds
-
-
 @dataclass
 class EstimatedBounds(Bounds):
     """Bounds computed from random-projection estimates (``DualBounder(proj=k)``): close to the exact dual
@@ -523,6 +431,10 @@ class DualBounder(Bounder):
     ``column_chunk=c``: exact intermediate bounds holding at most c forward columns at once
     (:func:`column_chunked_bounds`), for an example too big for memory; ``devices`` (a list of torch
     devices) spreads the chunks. ``max_memory`` chunks over examples, ``column_chunk`` within one.
+
+    Networks with skip connections (``models.DenseSequential``): the dual transposes through the skips;
+    intermediate bounds come from backward rows (``strategy`` "forward" and ``proj`` raise), and
+    ``column_chunk`` chunks those rows.
     """
 
     name = "dual"
@@ -565,6 +477,7 @@ class DualBounder(Bounder):
             sub = region.select(idx)
             with torch.no_grad():
                 if self.column_chunk is not None:
+                    from .chunked import column_chunked_bounds  # chunked.py builds on this module
                     bounds, frontier = column_chunked_bounds(network, sub, self.column_chunk, self.devices), None
                 else:
                     bounds, frontier = intermediate_bounds(network, sub, self.strategy, return_frontier=True,

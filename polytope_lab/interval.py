@@ -11,15 +11,18 @@ from .regions import Region
 def interval_bounds(network: Network, region: Region):
     """Per-layer (l, u) of every affine output (the last is f), by interval arithmetic."""
     lo, hi = region.box()
-    center, radius = (hi + lo) / 2, (hi - lo) / 2
+    boxes = [((hi + lo) / 2, (hi - lo) / 2)]  # (centre, radius) of z_0, z_1, ...
     layers = []
     for i, a in enumerate(network.affines):
-        center, radius = a.interval(center, radius)
+        center, radius = a.interval(*boxes[-1])
+        for j, S in network.skips_into(i):  # skip terms: add their boxes
+            c, r = S.interval(*boxes[j])
+            center, radius = center + c.reshape(center.shape), radius + r.reshape(radius.shape)
         l, u = center - radius, center + radius
         layers.append((l, u))
         if i < network.n_relu_layers:
             l, u = l.clamp(min=0), u.clamp(min=0)
-            center, radius = (u + l) / 2, (u - l) / 2
+            boxes.append(((u + l) / 2, (u - l) / 2))
     return layers
 
 

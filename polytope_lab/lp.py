@@ -1,8 +1,9 @@
 """LP bounds: minimise ``cᵀẑ_k`` over the convex outer polytope of the paper's eq. 15, with CVXPY.
 
 Variables per layer (the input ``x'``; per ReLU layer ``ẑ`` = ``z`` on I⁺, and ``ẑ``, ``z`` on I; nothing on
-I⁻, where z = 0); constraints ``ẑ_{i+1} = W_i z_i + b_i`` (sparse operator matrices, convolutions
-included), the input set, and on I the triangle ``z ≥ 0, z ≥ ẑ, z ≤ u(ẑ − l)/(u − l)``.
+I⁻, where z = 0); constraints ``ẑ_{i+1} = W_i z_i + b_i + Σ_j (S_ij z_j + b_ij)`` (sparse operator matrices,
+convolutions included; the sum over the network's skip terms), the input set, and on I the triangle
+``z ≥ 0, z ≥ ẑ, z ≤ u(ẑ − l)/(u − l)``.
 The pre-activation bounds l, u come from another bounder (default the dual network) or, with
 ``intermediate="lp"``, from per-neuron LPs layer by layer ("LP-ALL", Salman et al. 2019).
 One problem is built per example; each row of C is a re-solve with a new value of the objective
@@ -30,35 +31,38 @@ def _soc_solvers() -> list:
             if s in SOLVER_MAP_CONIC and SOC in SOLVER_MAP_CONIC[s].SUPPORTED_CONSTRAINTS]
 
 
-def _affine(W, b, terms, rows=None):
-    """``(W z + b)[rows]`` as a CVXPY expression, with ``z`` given as terms ``[(units, variable)]``."""
-    if rows is not None:
-        W, b = W[rows], b[rows]
-    expr = cp.Constant(b)
-    for units, v in terms:
-        expr = expr + W[:, units] @ v
+def _affine(op, zs, rows=None):
+    """``ẑ[rows]`` of the affine ``op = (b, [(j, W_j)])`` as a CVXPY expression, each layer ``z_j`` given
+    as terms ``zs[j] = [(units, variable)]``."""
+    b, parts = op
+    expr = cp.Constant(b if rows is None else b[rows])
+    for j, W in parts:
+        if rows is not None:
+            W = W[rows]
+        for units, v in zs[j]:
+            expr = expr + W[:, units] @ v
     return expr
 
 
-def _relaxation(mats, biases, bounds, x_terms, constraints, top):
-    """Eq. 15 from the input up to the input of affine ``top``: (terms for z_top, constraints)."""
-    terms, cons = x_terms, list(constraints)
+def _relaxation(ops, bounds, x_terms, constraints, top):
+    """Eq. 15 from the input up to the input of affine ``top``: (terms of z_0..z_top, constraints)."""
+    zs, cons = [x_terms], list(constraints)
     for i in range(top):
         l, u = bounds[i]
         active, unstable = np.flatnonzero(l >= 0), np.flatnonzero((l < 0) & (u > 0))
         new = []
         if active.size:                                       # I⁺: z = ẑ
             z = cp.Variable(active.size)
-            cons.append(z == _affine(mats[i], biases[i], terms, active))
+            cons.append(z == _affine(ops[i], zs, active))
             new.append((active, z))
         if unstable.size:                                     # I: the triangle
             zhat, z = cp.Variable(unstable.size), cp.Variable(unstable.size)
             lI, uI = l[unstable], u[unstable]
-            cons += [zhat == _affine(mats[i], biases[i], terms, unstable),
+            cons += [zhat == _affine(ops[i], zs, unstable),
                      z >= 0, z >= zhat, z <= cp.multiply(uI / (uI - lI), zhat - lI)]
             new.append((unstable, z))
-        terms = new                                           # I⁻: z = 0, no term
-    return terms, cons
+        zs.append(new)                                        # I⁻: z = 0, no term
+    return zs, cons
 
 
 def _solve(problem, solver, options) -> str:
@@ -148,8 +152,7 @@ class LPBounder(Bounder):
         base = self.intermediate if isinstance(self.intermediate, Bounder) else \
             Bounder.create("dual" if lp_all else self.intermediate)
         ref = require_sound(base.bound(network, region, C), "the LP")   # l, u and the fallback bounds
-        mats = [a.as_matrix() for a in network.affines]
-        biases = [a.bias_vector() for a in network.affines]
+        ops = network.matrices()
         B = region.batch_size
         rows, (lo, hi), centre = C.detach().double().cpu().numpy(), map(_numpy, region.box()), _numpy(region.x)
         layers = [tuple(map(_numpy, lu)) for lu in ref.intermediate]
@@ -163,10 +166,10 @@ class LPBounder(Bounder):
                 x_cons = [x >= lo[b], x <= hi[b]]
             x_terms = [(slice(None), x)]
             bounds = [(l[b], u[b]) for l, u in layers]
-            statuses = self._tighten(mats, biases, bounds, x_terms, x_cons, solve) if lp_all else []
-            terms, cons = _relaxation(mats, biases, bounds, x_terms, x_cons, network.n_relu_layers)
+            statuses = self._tighten(ops, bounds, x_terms, x_cons, solve) if lp_all else []
+            zs, cons = _relaxation(ops, bounds, x_terms, x_cons, network.n_relu_layers)
             c = cp.Parameter(network.output_size)
-            problem = cp.Problem(cp.Minimize(c @ _affine(mats[-1], biases[-1], terms)), cons)
+            problem = cp.Problem(cp.Minimize(c @ _affine(ops[-1], zs)), cons)
             (lv, s1), (uv, s2) = solve(problem, c, rows[b]), solve(problem, c, -rows[b])
             lower.append(lv)
             upper.append(-uv)
@@ -181,7 +184,7 @@ class LPBounder(Bounder):
         return Bounds(lower, upper, intermediate, status, method="lp-all" if lp_all else "lp")
 
     @staticmethod
-    def _tighten(mats, biases, bounds, x_terms, x_cons, solve) -> list:
+    def _tighten(ops, bounds, x_terms, x_cons, solve) -> list:
         """LP-ALL for one example: replace ``bounds[i]`` (i ≥ 1) of the units the given bounds leave
         unstable by their LP optima over the already tightened layers below; returns the statuses."""
         statuses = []
@@ -189,9 +192,9 @@ class LPBounder(Bounder):
             l, u = bounds[i][0].copy(), bounds[i][1].copy()
             units = np.flatnonzero((l < 0) & (u > 0))
             if units.size:
-                terms, cons = _relaxation(mats, biases, bounds, x_terms, x_cons, i)
+                zs, cons = _relaxation(ops, bounds, x_terms, x_cons, i)
                 c = cp.Parameter(units.size)
-                problem = cp.Problem(cp.Minimize(c @ _affine(mats[i], biases[i], terms, units)), cons)
+                problem = cp.Problem(cp.Minimize(c @ _affine(ops[i], zs, units)), cons)
                 (lv, s1), (uv, s2) = solve(problem, c, np.eye(units.size)), solve(problem, c, -np.eye(units.size))
                 l[units], u[units] = np.fmax(l[units], lv), np.fmin(u[units], -uv)  # NaN: keep the given bound
                 statuses += s1 + s2

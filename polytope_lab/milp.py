@@ -3,15 +3,16 @@
 For one example with input box ``[lo, hi]`` (an L∞ ball, ∩ the clip box) and pre-activation bounds
 ``l ≤ ẑ ≤ u`` from another Bounder (the big-M constants), the set of reachable activations is
 
-    z_1 = x' ∈ [lo, hi],     ẑ_{i+1} = W_i z_i + b_i,     f(x') = ẑ_k,
+    z_1 = x' ∈ [lo, hi],     ẑ_{i+1} = W_i z_i + b_i + Σ_j (S_ij z_j + b_ij),     f(x') = ẑ_k,
     I⁻ (u ≤ 0): z = 0 (the unit and its column are dropped);   I⁺ (l ≥ 0): z = ẑ;
     I (l < 0 < u): one binary a:  z ≥ ẑ,  z ≥ 0,  z ≤ u·a,  z ≤ ẑ − l(1 − a).
 
-It is exact for any valid l, u; tighter ones (``intermediate="progressive"``: interval ∩ dual, then an
-LP per unstable neuron, like MIPVerify) make it faster. Each row ``c`` of ``C`` is minimised (lower
-bound) and ``−c`` minimised (upper bound) per example; the objective ``cᵀ(W_{k−1} z_{k−1} + b_{k−1})``
-is written directly on the last hidden layer. The model is built once per example in PuLP; with HiGHS
-the solver model that PuLP builds (``pulp.HiGHS``, highspy) is kept and only its costs change between
+The sum runs over the skip terms (none in a sequential net). It is exact for any valid l, u;
+tighter ones (``intermediate="progressive"``: interval ∩ dual, then an LP per unstable neuron, like
+MIPVerify) make it faster. Each row ``c`` of ``C`` is minimised (lower bound) and ``−c`` minimised (upper
+bound) per example; the objective ``cᵀẑ_k`` is written directly on the last hidden layer (and on the
+layers its skip terms read). The model is built once per example in PuLP; with HiGHS the solver model
+that PuLP builds (``pulp.HiGHS``, highspy) is kept and only its costs change between
 rows; with CBC (``pulp.PULP_CBC_CMD``) PuLP writes and solves the problem once per row.
 
 Before each MILP a primal heuristic (projected sign-gradient descent on the row, from the centre and
@@ -50,7 +51,8 @@ import pulp
 import torch
 
 from .bounds import Bounder, Bounds, check_objective, margin_matrix, require_sound
-from .network import Network, as_network
+from .convert import as_network
+from .network import Network
 from .regions import LinfBall, Region
 
 try:  # HiGHS through PuLP's highspy interface
@@ -104,13 +106,14 @@ def _widen(l: np.ndarray, u: np.ndarray):
 class _Encoding:
     """The MILP of one example: input box, then ``len(bounds)`` ReLU layers (eq. 4).
 
-    ``mats``: per affine, (W as csr float64, b). ``bounds``: widened (l, u) per encoded ReLU layer, flat
-    float64. With ``center``/``eps_max`` the input is ``|x' − center| ≤ ε ≤ eps_max`` inside the box.
-    After the last encoded layer, ``live`` holds the indices of its units that are not stably inactive
-    and ``z`` their variables: any affine function of that layer's output is a cost on ``z``.
+    ``ops``: per affine, ``(b, [(j, W_j)])`` from :meth:`Network.matrices` (the main term and the skip terms).
+    ``bounds``: widened (l, u) per encoded ReLU layer, flat float64. With ``center``/``eps_max`` the input
+    is ``|x' − center| ≤ ε ≤ eps_max`` inside the box. ``layers[j]`` = (indices of the units of ``z_j``
+    that are not stably inactive, their variables), ``z_0`` the input: any affine function of the
+    encoded layers is a cost on those variables.
     """
 
-    def __init__(self, mats, lo, hi, bounds, center=None, eps_max=None):
+    def __init__(self, ops, lo, hi, bounds, center=None, eps_max=None):
         prob = pulp.LpProblem("adversarial_polytope", pulp.LpMinimize)
         self.prob = prob
         n0 = len(lo)
@@ -123,18 +126,16 @@ class _Encoding:
                     prob += pulp.LpConstraint([(v, 1.0), (self.eps, -1.0)], pulp.LpConstraintLE, rhs=float(center[j]))
                     prob += pulp.LpConstraint([(v, 1.0), (self.eps, 1.0)], pulp.LpConstraintGE, rhs=float(center[j]))
         self.binaries = []
-        live, z = np.arange(n0), self.x
-        self.layer_sizes = []
+        self.layers = [(np.arange(n0), self.x)]
         self.units = []  # per layer: (unit indices, z variables, ẑ variables or None, binaries or None)
         for i, (l, u) in enumerate(bounds):
-            W, b = mats[i]
-            Wl = W[:, live].tocsr()
-            ptr, ind, val = Wl.indptr, Wl.indices, Wl.data
+            b, _ = ops[i]
+            rows = self._rows(ops[i])
             new_live, new_z, new_h, new_a = [], [], [], []
-            for j in range(W.shape[0]):
+            for j in range(len(b)):
                 if u[j] <= 0:  # I⁻: z = 0
                     continue
-                row = [(z[k], -w) for k, w in zip(ind[ptr[j]:ptr[j + 1]].tolist(), val[ptr[j]:ptr[j + 1]].tolist())]
+                row = [(v, -w) for v, w in rows(j)]
                 if l[j] >= 0:  # I⁺: z = ẑ = W z + b
                     zj = prob.add_variable(f"z{i}_{j}", float(l[j]), float(u[j]))
                     prob += pulp.LpConstraint(row + [(zj, 1.0)], pulp.LpConstraintEQ, rhs=float(b[j]))
@@ -153,35 +154,56 @@ class _Encoding:
                 new_z.append(zj)
                 new_h.append(h)
                 new_a.append(a)
-            live, z = np.asarray(new_live, dtype=np.int64), new_z
-            self.layer_sizes.append(len(new_z))
+            live = np.asarray(new_live, dtype=np.int64)
+            self.layers.append((live, new_z))
             self.units.append((live, new_z, new_h, new_a))
-        self.live, self.z = live, z
         self.depth = len(bounds)
-        self.mats = mats
+        self.ops = ops
+
+    def _rows(self, op):
+        """``row(j)``: [(variable, coefficient)] of unit j's linear part ``Σ W_j z_j`` over the live units."""
+        blocks = []
+        for src, W in op[1]:
+            live, zs = self.layers[src]
+            Wl = W[:, live].tocsr()
+            blocks.append((Wl.indptr, Wl.indices, Wl.data, zs))
+
+        def row(j):
+            out = []
+            for ptr, ind, val, zs in blocks:
+                out += [(zs[k], w) for k, w in zip(ind[ptr[j]:ptr[j + 1]].tolist(), val[ptr[j]:ptr[j + 1]].tolist())]
+            return out
+        return row
 
     def assignment(self, point: np.ndarray) -> list:
         """Every variable's value at input ``point`` (a feasible MIP start): [(variable, value)]."""
         values = list(zip(self.x, point.tolist()))
-        z = point
-        for i, (live, zs, hs, as_) in enumerate(self.units):
-            W, b = self.mats[i]
-            zhat = W @ z + b
+        zs = [point]  # z_0, z_1, ...: full vectors, 0 on stably inactive units
+        for i, (live, vars_, hs, as_) in enumerate(self.units):
+            b, parts = self.ops[i]
+            zhat = b + sum(W @ zs[src] for src, W in parts)
             z = np.zeros_like(zhat)
             z[live] = np.maximum(zhat[live], 0.0)
-            for j, zj, h, a in zip(live.tolist(), zs, hs, as_):
+            for j, zj, h, a in zip(live.tolist(), vars_, hs, as_):
                 if h is None:  # I⁺
                     z[j] = zhat[j]
                     values.append((zj, float(zhat[j])))
                 else:
                     values += [(zj, float(z[j])), (h, float(zhat[j])), (a, 1.0 if zhat[j] > 0 else 0.0)]
+            zs.append(z)
         return values
 
     def costs(self, c: np.ndarray):
-        """``cᵀ(W z + b)`` for the affine after the last encoded layer: (variables, coefficients, constant)."""
-        W, b = self.mats[self.depth]
-        g = (W[:, self.live].T @ c) if len(self.live) else np.zeros(0)
-        return self.z, np.asarray(g, dtype=np.float64).reshape(-1), float(c @ b)
+        """``cᵀẑ`` for the affine after the last encoded layer (main and skip terms): (variables,
+        coefficients, constant)."""
+        b, parts = self.ops[self.depth]
+        vars_, coefs = [], []
+        for src, W in parts:
+            live, zs = self.layers[src]
+            if len(live):
+                vars_ += zs
+                coefs.append(np.asarray(W[:, live].T @ c, dtype=np.float64).reshape(-1))
+        return vars_, (np.concatenate(coefs) if coefs else np.zeros(0)), float(c @ b)
 
     def add_disjunction(self, rows, big_m):
         """Some row ``r`` has ``rowᵀ f ≤ 0``: binaries ``s_r``, ``rowᵀ f ≤ M_r (1 − s_r)``, ``Σ s = 1``."""
@@ -531,24 +553,25 @@ class MILPBounder(Bounder):
         return network
 
     def _bounds_for(self, network: Network, region: LinfBall, C: torch.Tensor):
-        """float64 copies, the affine matrices, intermediate (l, u) per ReLU layer and fallback bounds of C."""
+        """float64 copies, the affine operators (:meth:`Network.matrices`), intermediate (l, u) per ReLU layer and
+        fallback bounds of C."""
         with torch.no_grad():  # a detached copy: nothing below can reach the model's parameters
             net64 = network.to(dtype=torch.float64)
         reg64 = region.to(dtype=torch.float64)
         C64 = C.to(torch.float64)
-        mats = [(a.as_matrix().tocsr().astype(np.float64), a.bias_vector()) for a in network.affines]
+        ops = network.matrices()
         with torch.no_grad():
             if isinstance(self.intermediate, str) and self.intermediate == "progressive":
-                layers, lower, upper = self._progressive(net64, reg64, C64, mats)
+                layers, lower, upper = self._progressive(net64, reg64, C64, ops)
             else:
                 bounder = (Bounder.create(self.intermediate) if isinstance(self.intermediate, str)
                            else self.intermediate)
                 b = require_sound(bounder.bound(net64, reg64, C64), "the MILP")
                 layers = [(l.detach().double(), u.detach().double()) for l, u in b.intermediate]
                 lower, upper = b.lower.detach().double(), b.upper.detach().double()
-        return net64, reg64, C64, mats, layers, lower, upper
+        return net64, reg64, C64, ops, layers, lower, upper
 
-    def _progressive(self, net64, reg64, C64, mats):
+    def _progressive(self, net64, reg64, C64, ops):
         """Interval ∩ dual, then per-neuron LP tightening (relaxed encoding) of the unstable units."""
         ib = Bounder.create("interval").bound(net64, reg64, C64)
         db = Bounder.create("dual").bound(net64, reg64, C64)
@@ -566,10 +589,10 @@ class MILPBounder(Bounder):
                 unstable = np.nonzero((l < 0) & (u > 0))[0]
                 if not len(unstable):
                     continue
-                enc = _Encoding(mats, lo[b], hi[b], [_widen(flat[k][0][b], flat[k][1][b]) for k in range(i)])
+                enc = _Encoding(ops, lo[b], hi[b], [_widen(flat[k][0][b], flat[k][1][b]) for k in range(i)])
                 model = _HighsModel(enc, mip=False, threads=self.threads)
                 for j in unstable:
-                    e = np.zeros(mats[i][0].shape[0])
+                    e = np.zeros(len(l))
                     e[j] = 1.0
                     for sign in (1.0, -1.0):
                         vars_, g, const = enc.costs(sign * e)
@@ -600,7 +623,7 @@ class MILPBounder(Bounder):
 
     def _bound(self, network, region, C):
         self._prepare(network, region)
-        net64, reg64, C64, mats, layers, fb_lower, fb_upper = self._bounds_for(network, region, C)
+        net64, reg64, C64, ops, layers, fb_lower, fb_upper = self._bounds_for(network, region, C)
         B, m = C.shape[:2]
         shape = network.input_shape
         lo_all, hi_all = (t.reshape(B, -1).numpy() for t in reg64.box())
@@ -614,7 +637,7 @@ class MILPBounder(Bounder):
         for b in range(B):
             start = time.perf_counter()
             lo, hi = lo_all[b], hi_all[b]
-            enc = _Encoding(mats, lo, hi, self._flat_layers(layers, b))
+            enc = _Encoding(ops, lo, hi, self._flat_layers(layers, b))
             model = self._model(enc)
             rows = torch.cat([C64[b], -C64[b]])  # minimise c f (lower), then −c f (−upper)
             if self.heuristic_steps:
@@ -682,7 +705,7 @@ class MILPBounder(Bounder):
         B, shape = region.batch_size, network.input_shape
         if B == 0:
             return Certification([], torch.zeros(0), torch.zeros(0, *shape), torch.zeros(0), [])
-        net64, reg64, C64, mats, layers, fb_lower, _ = self._bounds_for(network, region, C)
+        net64, reg64, C64, ops, layers, fb_lower, _ = self._bounds_for(network, region, C)
         lo_all, hi_all = (t.reshape(B, -1).numpy() for t in reg64.box())
         with torch.no_grad():
             centre = torch.einsum("bmn,bn->bm", C64, net64(reg64.x))
@@ -719,7 +742,7 @@ class MILPBounder(Bounder):
                 pending = []
                 for r in todo:
                     if enc is None:
-                        enc = _Encoding(mats, lo_all[b], hi_all[b], self._flat_layers(layers, b))
+                        enc = _Encoding(ops, lo_all[b], hi_all[b], self._flat_layers(layers, b))
                         model_ = self._model(enc)
                     vars_, g, const = enc.costs(C64[b, r].numpy())
                     mip_start = enc.assignment(guesses[r]) if r in guesses else None
@@ -788,7 +811,7 @@ class MILPBounder(Bounder):
         if B == 0:
             return []
         C = check_objective(margin_matrix(y, network.output_size), network, region)
-        net64, reg64, C64, mats, layers, fb_lower, fb_upper = self._bounds_for(network, region, C)
+        net64, reg64, C64, ops, layers, fb_lower, fb_upper = self._bounds_for(network, region, C)
         lo_all, hi_all = (t.reshape(B, -1).numpy() for t in reg64.box())
         x64 = reg64.x.reshape(B, -1).numpy()
         others = [[j for j in range(network.output_size) if j != int(y[b])] for b in range(B)]
@@ -807,7 +830,7 @@ class MILPBounder(Bounder):
                 results.append(AdversarialDistance(eps_max, eps_max, math.inf, "beyond_eps_max",
                                                    seconds=time.perf_counter() - start))
                 continue
-            enc = _Encoding(mats, lo_all[b], hi_all[b], self._flat_layers(layers, b), center=x64[b], eps_max=eps_max)
+            enc = _Encoding(ops, lo_all[b], hi_all[b], self._flat_layers(layers, b), center=x64[b], eps_max=eps_max)
             big_m = [max(float(fb_upper[b, r]), 0.0) * (1 + _WIDEN) + _WIDEN for r in rows]
             enc.add_disjunction([C64[b, r].numpy() for r in rows], big_m)
             model_ = self._model(enc)

@@ -1,4 +1,5 @@
-"""Model zoo: the paper's MNIST ConvNet, plain MLPs, and checkpoint loading."""
+"""Model zoo: the paper's MNIST ConvNet, plain and residual MLPs, the skip-connection containers, and
+checkpoint loading."""
 from __future__ import annotations
 
 import torch
@@ -44,6 +45,49 @@ def random_mlp(sizes, generator: torch.Generator) -> nn.Sequential:
     return net.requires_grad_(False).eval()
 
 
+class Dense(nn.Module):
+    """A layer with skip connections, for :class:`DenseSequential`: ``Dense(m_1, ..., m_K)`` applies
+    ``m_K`` to the latest output, ``m_{K-1}`` to the one before, ... (``None`` skips an output) and adds
+    the results. ``Dense(conv_a, None, conv_b)`` reads two and three steps back; a residual block is
+    ``Dense(nn.Identity(), None, conv)``. The modules must be affine (Linear, Conv2d, BatchNorm in eval
+    mode, Flatten, Identity, or an nn.Sequential of those) for the bounders."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        if not modules or all(m is None for m in modules):
+            raise ValueError("Dense needs at least one module (None entries skip an output)")
+        self.layers = nn.ModuleList([nn.Identity() if m is None else m for m in modules])
+        self.used = [m is not None for m in modules]
+
+    def forward(self, *outputs):
+        if len(outputs) < len(self.layers):
+            raise ValueError(f"Dense with {len(self.layers)} modules needs that many earlier outputs, "
+                             f"got {len(outputs)}")
+        pairs = zip(self.layers, self.used, outputs[len(outputs) - len(self.layers):])
+        return sum(m(x) for m, used, x in pairs if used)
+
+
+class DenseSequential(nn.Sequential):
+    """``nn.Sequential`` that also takes :class:`Dense` layers, which read several earlier outputs (the
+    input counts as output 0). Other layers read the latest output, as in ``nn.Sequential``."""
+
+    def forward(self, x):
+        outputs = [x]
+        for layer in self:
+            outputs.append(layer(*outputs) if isinstance(layer, Dense) else layer(outputs[-1]))
+        return outputs[-1]
+
+
+def residual_mlp(width: int, blocks: int, n_in: int, n_out: int) -> DenseSequential:
+    """``x → Linear(n_in, width) → [z ← ReLU(z + Linear(ReLU(Linear(z))))] × blocks → Linear(width, n_out)``:
+    fully connected residual blocks (identity skips over two layers)."""
+    layers = [nn.Linear(n_in, width), nn.ReLU()]
+    for _ in range(blocks):
+        layers += [nn.Linear(width, width), nn.ReLU(), Dense(nn.Identity(), None, nn.Linear(width, width)),
+                   nn.ReLU()]
+    return DenseSequential(*layers, nn.Linear(width, n_out))
+
+
 def load_state(model: nn.Module, path) -> nn.Module:
     """Load the state_dict at ``path`` (mapped to the CPU) into ``model``; returns it in eval mode."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -53,4 +97,4 @@ def load_state(model: nn.Module, path) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["mnist_convnet", "mlp", "random_mlp", "load_state"]
+__all__ = ["mnist_convnet", "mlp", "random_mlp", "Dense", "DenseSequential", "residual_mlp", "load_state"]

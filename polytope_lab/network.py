@@ -1,9 +1,13 @@
-"""Network normal form: affine operators with a ReLU between each consecutive pair.
+"""Network normal form: affine operators with a ReLU between each consecutive pair, plus skip terms.
 
 ``Network.affines = [A_1, ..., A_{k-1}]`` is the paper's ``W_i, b_i``:
 ``ẑ_{i+1} = A_i(z_i)``, ``z_{i+1} = ReLU(ẑ_{i+1})`` for every affine but the last, whose output is
-``f(x)``. Backends see only this form (never ``nn.Module`` classes). Operators keep references to the
-model's parameters, so bounds stay differentiable with respect to them; the model is never modified.
+``f(x)``. With skip connections (Wong et al. 2018b's dense form) an affine may also read earlier
+layers: ``ẑ_{i+1} = A_i(z_i) + Σ_j S_ij(z_j)`` over ``Network.skips[i] = [(j, S_ij), ...]``, j < i, where
+``z_0`` is the input (so a residual block is a skip term of identity). Backends see only this form
+(never ``nn.Module`` classes; :mod:`polytope_lab.convert` builds this form from PyTorch models). Operators
+keep references to the model's parameters, so bounds stay differentiable with respect to them; the model
+is never modified.
 """
 from __future__ import annotations
 
@@ -12,11 +16,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-
-SUPPORTED_LAYERS = ("Linear", "Conv2d (groups=1, zero padding)", "ReLU", "Flatten (nn.Flatten or a module named Flatten that flattens)", "Identity",
-                    "BatchNorm1d/BatchNorm2d in eval mode", "Dropout in eval mode")
 
 
 def _numel(shape) -> int:
@@ -24,7 +24,13 @@ def _numel(shape) -> int:
 
 
 class Affine(ABC):
-    """An affine map ``x -> W x + b`` from ``in_shape`` to ``out_shape`` (shapes without batch)."""
+    """An affine map ``x -> W x + b`` from ``in_shape`` to ``out_shape`` (shapes without batch).
+
+    The extension protocol (docs/extending.md): a new layer implements ``linear`` (the dual's "affine"
+    role), its adjoint ``transpose`` ("affine transpose", which the dual network runs backwards), ``bias``
+    (its share of the objective, ``ν_{i+1}ᵀ b``) and ``to``; ``as_matrix`` (for the LP and MILP),
+    ``interval`` and ``cost`` have generic defaults built from ``linear``, worth overriding for speed.
+    """
 
     in_shape: tuple
     out_shape: tuple
@@ -50,21 +56,35 @@ class Affine(ABC):
         """The full bias ``b`` with shape ``out_shape``."""
 
     @abstractmethod
-    def interval(self, center: torch.Tensor, radius: torch.Tensor):
-        """Image of the box ``center ± radius`` as (center, radius): ``(W c + b, |W| r)``."""
-
-    @abstractmethod
-    def as_matrix(self) -> sp.csr_matrix:
-        """``W`` as a scipy sparse matrix of shape (out_features, in_features), float64."""
-
-    @abstractmethod
     def to(self, device=None, dtype=None) -> "Affine":
         """A copy on ``device``/``dtype`` (the copy stays differentiable w.r.t. the original)."""
 
+    def interval(self, center: torch.Tensor, radius: torch.Tensor):
+        """Image of the box ``center ± radius`` as (center, radius): ``(W c + b, |W| r)``.
+        Default: ``|W|`` from :meth:`as_matrix` (no gradient through the radius)."""
+        W = torch.as_tensor(abs(self.as_matrix()).toarray(), dtype=radius.dtype, device=radius.device)
+        r = radius.reshape(radius.shape[0], -1) @ W.t()
+        return self.forward(center), r.reshape(radius.shape[0], *self.out_shape)
+
+    def as_matrix(self) -> sp.csr_matrix:
+        """``W`` as a scipy sparse matrix of shape (out_features, in_features), float64. Default: ``linear``
+        (in float64, without gradient) applied to the basis vectors, 1024 at a time."""
+        n_in = self.in_features
+        op = self.to(device="cpu", dtype=torch.float64)
+        blocks = []
+        with torch.no_grad():
+            for start in range(0, n_in, 1024):
+                stop = min(n_in, start + 1024)
+                eye = torch.zeros(stop - start, n_in, dtype=torch.float64)
+                eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+                cols = op.linear(eye.reshape(stop - start, *self.in_shape)).reshape(stop - start, -1)
+                blocks.append(sp.csr_matrix(cols.numpy()).T)
+        return sp.hstack(blocks).tocsr()
+
     @property
-    @abstractmethod
     def cost(self) -> int:
-        """Multiply-adds of one ``linear`` or ``transpose`` call on one vector (for planning)."""
+        """Multiply-adds of one ``linear`` or ``transpose`` call on one vector (for planning); default dense."""
+        return self.in_features * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.bias()
@@ -166,20 +186,6 @@ class Conv2dOp(Affine):
         r = F.conv2d(radius.reshape(radius.shape[0], *self.in_shape), self.weight.abs(), None,
                      self.stride, self.padding, self.dilation)
         return c, r
-
-    def as_matrix(self):
-        # columns of W are the images of the basis vectors: build them in chunks with the real conv
-        n_in = self.in_features
-        w = self.weight.detach().double().cpu()
-        op = Conv2dOp(w, None, self.in_shape, self.stride, self.padding, self.dilation)
-        blocks = []
-        for start in range(0, n_in, 1024):
-            stop = min(n_in, start + 1024)
-            eye = torch.zeros(stop - start, n_in, dtype=torch.float64)
-            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-            cols = op.linear(eye).reshape(stop - start, -1)  # (chunk, n_out)
-            blocks.append(sp.csr_matrix(cols.numpy()).T)
-        return sp.hstack(blocks).tocsr()
 
     def to(self, device=None, dtype=None):
         return Conv2dOp(self.weight.to(device=device, dtype=dtype), self.channel_bias.to(device=device, dtype=dtype),
@@ -308,10 +314,83 @@ class ComposedOp(Affine):
         return sum(p.cost for p in self.parts)
 
 
-class Network:
-    """A ReLU network in normal form: ``affines[0]``, ReLU, ``affines[1]``, ReLU, ..., ``affines[-1]``."""
+class SumOp(Affine):
+    """Affine maps of the same input added: ``x -> Σ_p (W_p x + b_p)`` (paths that meet again).
+    Its interval image adds the parts' images: sound, and exact unless the parts' signs cancel."""
 
-    def __init__(self, affines, input_shape):
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.in_shape, self.out_shape = self.parts[0].in_shape, self.parts[0].out_shape
+        for p in self.parts[1:]:
+            if p.in_features != self.in_features or p.out_features != self.out_features:
+                raise ValueError(f"cannot add affine maps {p.in_shape}->{p.out_shape} and "
+                                 f"{self.in_shape}->{self.out_shape}")
+
+    def linear(self, x):
+        return sum(p.linear(x).reshape(x.shape[0], *self.out_shape) for p in self.parts)
+
+    def transpose(self, y):
+        return sum(p.transpose(y).reshape(y.shape[0], *self.in_shape) for p in self.parts)
+
+    def bias(self):
+        return sum(p.bias().reshape(self.out_shape) for p in self.parts)
+
+    def interval(self, center, radius):
+        images = [p.interval(center, radius) for p in self.parts]
+        B = center.shape[0]
+        return (sum(c.reshape(B, *self.out_shape) for c, _ in images),
+                sum(r.reshape(B, *self.out_shape) for _, r in images))
+
+    def as_matrix(self):
+        return sum(p.as_matrix() for p in self.parts).tocsr()
+
+    def to(self, device=None, dtype=None):
+        return SumOp([p.to(device, dtype) for p in self.parts])
+
+    @property
+    def cost(self):
+        return sum(p.cost for p in self.parts)
+
+
+class LinearPartOp(Affine):
+    """``x -> W x``: an operator without its bias (an affine map applied to a sum adds its bias once)."""
+
+    def __init__(self, op: Affine):
+        self.op = op
+        self.in_shape, self.out_shape = op.in_shape, op.out_shape
+
+    def linear(self, x):
+        return self.op.linear(x)
+
+    def transpose(self, y):
+        return self.op.transpose(y)
+
+    def bias(self):
+        return torch.zeros_like(self.op.bias())
+
+    def interval(self, center, radius):
+        c, r = self.op.interval(center, radius)
+        return c - self.op.bias(), r
+
+    def as_matrix(self):
+        return self.op.as_matrix()
+
+    def to(self, device=None, dtype=None):
+        return LinearPartOp(self.op.to(device, dtype))
+
+    @property
+    def cost(self):
+        return self.op.cost
+
+
+class Network:
+    """A ReLU network in normal form: ``affines[0]``, ReLU, ``affines[1]``, ReLU, ..., ``affines[-1]``.
+
+    ``skips`` (optional): {i: [(j, S), ...]}: affine i's output also adds ``S(z_j)`` for each j < i, with
+    ``z_0`` the input and ``z_j`` (j ≥ 1) the output of the ReLU after affine j − 1.
+    """
+
+    def __init__(self, affines, input_shape, skips=None):
         if not affines:
             raise ValueError("a Network needs at least one affine layer")
         self.affines = list(affines)
@@ -321,6 +400,42 @@ class Network:
                 raise ValueError(f"affine {i} gives {a.out_shape} but affine {i + 1} expects {b.in_shape}")
         if self.affines[0].in_features != _numel(self.input_shape):
             raise ValueError(f"input shape {self.input_shape} does not match first layer {self.affines[0].in_shape}")
+        self.skips = {int(i): list(terms) for i, terms in (skips or {}).items() if terms}
+        for i, terms in self.skips.items():
+            if not 0 < i < len(self.affines):
+                raise ValueError(f"skip terms into affine {i}: there are affines 1..{len(self.affines) - 1} "
+                                 "that can take them")
+            for j, S in terms:
+                if not 0 <= j < i:
+                    raise ValueError(f"affine {i} can only read earlier layers z_0..z_{i - 1}, not z_{j}")
+                if S.in_features != self.layer_size(j) or S.out_features != self.affines[i].out_features:
+                    raise ValueError(f"skip term z_{j} -> affine {i} maps {S.in_shape} -> {S.out_shape}, but z_{j} "
+                                     f"has {self.layer_size(j)} units and affine {i} gives {self.affines[i].out_shape}")
+
+    def layer_size(self, j: int) -> int:
+        """Number of units of ``z_j`` (``z_0`` the input)."""
+        return self.input_size if j == 0 else self.affines[j - 1].out_features
+
+    def skips_into(self, i: int) -> list:
+        """[(j, S), ...]: the skip terms added to affine i's output."""
+        return self.skips.get(i, [])
+
+    @property
+    def has_skips(self) -> bool:
+        return bool(self.skips)
+
+    def matrices(self) -> list:
+        """Per affine i: ``(b, [(j, W_j), ...])`` with ``ẑ_{i+1} = Σ_j W_j z_j + b`` — the main term first
+        (j = i), then the skip terms (their biases added into b, terms on the same z_j summed); W_j are
+        scipy csr float64 matrices and b a float64 vector (for the LP and MILP)."""
+        out = []
+        for i, a in enumerate(self.affines):
+            b, parts = a.bias_vector(), {i: a.as_matrix()}
+            for j, S in self.skips_into(i):
+                b = b + S.bias_vector()
+                parts[j] = parts[j] + S.as_matrix() if j in parts else S.as_matrix()
+            out.append((b.astype(np.float64), [(j, W.tocsr().astype(np.float64)) for j, W in parts.items()]))
+        return out
 
     @property
     def n_relu_layers(self) -> int:
@@ -336,11 +451,13 @@ class Network:
 
     def pre_activations(self, x: torch.Tensor) -> list:
         """``[ẑ_2, ..., ẑ_k]``: every affine output, the last being ``f(x)`` of shape (B, n_out)."""
-        outs, z = [], x
+        outs, zs = [], [x]
         for i, a in enumerate(self.affines):
-            zhat = a.forward(z)
+            zhat = a.forward(zs[-1])
+            for j, S in self.skips_into(i):
+                zhat = zhat + S.forward(zs[j]).reshape(zhat.shape)
             outs.append(zhat)
-            z = torch.relu(zhat)
+            zs.append(torch.relu(zhat))
         outs[-1] = outs[-1].reshape(x.shape[0], -1)
         return outs
 
@@ -348,7 +465,8 @@ class Network:
         return self.pre_activations(x)[-1]
 
     def to(self, device=None, dtype=None) -> "Network":
-        return Network([a.to(device, dtype) for a in self.affines], self.input_shape)
+        skips = {i: [(j, S.to(device, dtype)) for j, S in terms] for i, terms in self.skips.items()}
+        return Network([a.to(device, dtype) for a in self.affines], self.input_shape, skips)
 
     @property
     def device(self):
@@ -359,141 +477,5 @@ class Network:
         return self.affines[0].bias().dtype
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def _describe(i, layer):
-    return f"layer {i} ({layer.__class__.__name__})"
-
-
-def _unsupported(i, layer, why=""):
-    extra = f": {why}" if why else ""
-    return ValueError(f"unsupported {_describe(i, layer)}{extra}. Supported layers: {', '.join(SUPPORTED_LAYERS)}; "
-                      "the model must be an nn.Sequential.")
-
-
-def _conv_padding(i, layer):
-    if layer.padding_mode != "zeros":
-        raise _unsupported(i, layer, f"padding_mode={layer.padding_mode!r} (only 'zeros')")
-    if isinstance(layer.padding, str):
-        if layer.padding == "valid":
-            return (0, 0)
-        pads = []
-        for k, d in zip(layer.kernel_size, layer.dilation):
-            if (d * (k - 1)) % 2:
-                raise _unsupported(i, layer, "padding='same' with an asymmetric padding")
-            pads.append(d * (k - 1) // 2)
-        return tuple(pads)
-    return _pair(layer.padding)
-
-
-def _is_custom_flatten(layer, shape) -> bool:
-    """A parameter-free module named Flatten (as in the reference's model zoo) that flattens a probe input."""
-    if layer.__class__.__name__ != "Flatten" or any(True for _ in layer.parameters()):
-        return False
-    probe = torch.arange(2 * _numel(shape), dtype=torch.float32).reshape(2, *shape)
-    try:
-        out = layer(probe)
-    except Exception:
-        return False
-    return out.shape == (2, _numel(shape)) and torch.equal(out, probe.reshape(2, -1))
-
-
-def _batchnorm_scale_shift(i, layer):
-    if layer.training or not layer.track_running_stats or layer.running_mean is None:
-        raise _unsupported(i, layer, "BatchNorm must be in eval mode with running statistics (call model.eval())")
-    scale = torch.rsqrt(layer.running_var + layer.eps)
-    if layer.weight is not None:
-        scale = scale * layer.weight
-    shift = -layer.running_mean * scale
-    if layer.bias is not None:
-        shift = shift + layer.bias
-    return scale, shift
-
-
-def from_torch(model: nn.Module, input_shape) -> Network:
-    """Normalise an ``nn.Sequential`` into a :class:`Network` for inputs of shape ``input_shape`` (no batch)."""
-    if isinstance(model, Network):
-        return model
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"the model must be an nn.Sequential (got {model.__class__.__name__}); "
-                         f"supported layers: {', '.join(SUPPORTED_LAYERS)}")
-    shape = tuple(input_shape)
-    groups: list[list] = [[]]  # affine parts between ReLUs
-    ref = next((p for p in model.parameters()), torch.zeros(()))
-    for i, layer in enumerate(model):
-        if isinstance(layer, nn.ReLU):
-            if groups[-1]:
-                groups.append([])
-            elif len(groups) == 1:  # leading ReLU: its input is the input itself
-                groups[0].append(IdentityOp(shape, ref))
-                groups.append([])
-            continue  # a ReLU right after a ReLU changes nothing
-        if isinstance(layer, nn.Linear):
-            if _numel(shape) != layer.in_features:
-                raise ValueError(f"{_describe(i, layer)} expects {layer.in_features} inputs but receives shape {shape}")
-            groups[-1].append(LinearOp(layer.weight, layer.bias, shape))
-            shape = (layer.out_features,)
-        elif isinstance(layer, nn.Conv2d):
-            if layer.groups != 1:
-                raise _unsupported(i, layer, f"groups={layer.groups} (only groups=1)")
-            if len(shape) != 3:
-                raise ValueError(f"{_describe(i, layer)} needs a (C, H, W) input but receives shape {shape}")
-            op = Conv2dOp(layer.weight, layer.bias, shape, _pair(layer.stride), _conv_padding(i, layer),
-                          _pair(layer.dilation))
-            groups[-1].append(op)
-            shape = op.out_shape
-        elif isinstance(layer, nn.Flatten):
-            if layer.start_dim != 1 or layer.end_dim != -1:
-                raise _unsupported(i, layer, "only Flatten(start_dim=1, end_dim=-1)")
-            shape = (_numel(shape),)
-        elif _is_custom_flatten(layer, shape):
-            shape = (_numel(shape),)
-        elif isinstance(layer, (nn.Identity,)) or (isinstance(layer, nn.Dropout) and not layer.training):
-            continue
-        elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            scale, _ = _batchnorm_scale_shift(i, layer)
-            if shape[0] != scale.shape[0]:
-                raise ValueError(f"{_describe(i, layer)} has {scale.shape[0]} features but receives shape {shape}")
-            if isinstance(layer, nn.BatchNorm1d) and len(shape) != 1:
-                raise ValueError(f"{_describe(i, layer)} needs a flat input but receives shape {shape}")
-            live = (lambda i=i, layer=layer: _batchnorm_scale_shift(i, layer))
-            groups[-1].append(ChannelAffineOp(None, None, shape, source=live))
-        else:
-            raise _unsupported(i, layer)
-    if not groups[-1]:  # trailing ReLU: output is ReLU(...) = identity after it
-        groups[-1].append(IdentityOp(shape, ref))
-    if all(isinstance(p, IdentityOp) for g in groups for p in g):
-        raise ValueError("the model has no Linear or Conv2d layer")
-    affines = [_fold(g) for g in groups]
-    return Network(affines, input_shape)
-
-
-def _fold(parts):
-    """Fold an eval-BatchNorm into the Linear/Conv2d right before it (same shape), then compose the rest."""
-    out = []
-    for p in parts:
-        prev = out[-1] if out else None
-        if (isinstance(p, ChannelAffineOp) and isinstance(prev, (LinearOp, Conv2dOp)) and prev.post is None
-                and p.in_shape == prev.out_shape):
-            if isinstance(prev, LinearOp):
-                out[-1] = LinearOp(prev._w, prev._b, prev.in_shape, post=p)
-            else:
-                out[-1] = Conv2dOp(prev._w, prev._b, prev.in_shape, prev.stride, prev.padding, prev.dilation, post=p)
-        else:
-            out.append(p)
-    return out[0] if len(out) == 1 else ComposedOp(out)
-
-
-def as_network(model, input_shape) -> Network:
-    """``model`` as a :class:`Network` (accepts a Network or an nn.Sequential)."""
-    if isinstance(model, Network):
-        if tuple(input_shape) != model.input_shape and _numel(input_shape) != model.input_size:
-            raise ValueError(f"input shape {tuple(input_shape)} does not match the network's {model.input_shape}")
-        return model
-    return from_torch(model, input_shape)
-
-
-__all__ = ["Network", "from_torch", "as_network", "Affine", "LinearOp", "Conv2dOp", "ChannelAffineOp",
-           "IdentityOp", "ComposedOp", "SUPPORTED_LAYERS"]
+__all__ = ["Network", "Affine", "LinearOp", "Conv2dOp", "ChannelAffineOp", "IdentityOp", "ComposedOp", "SumOp",
+           "LinearPartOp"]

@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import linprog
 from scipy.spatial import ConvexHull, HalfspaceIntersection
 
-from .network import as_network
+from .convert import as_network
 from .regions import Region
 
 #: pairs (triangle, pixel) tested at once by :func:`coverage` (bounds its memory)

@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
-from polytope_lab.dual import column_chunked_bounds, intermediate_bounds
-from polytope_lab.network import as_network
+from polytope_lab.chunked import column_chunked_bounds
+from polytope_lab.dual import intermediate_bounds
+from polytope_lab.convert import as_network
 
 from conftest import make_convnet, make_mlp, random_inputs
 

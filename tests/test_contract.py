@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import polytope_lab as pl
 
-from conftest import (apply_C, assert_within, bounder_factories, make_convnet, make_mlp, output_of,
+from conftest import (apply_C, assert_within, bounder_factories, make_convnet, make_mlp, make_resnet, output_of,
                       random_inputs, sampled_values)
 
 pytestmark = pytest.mark.usefixtures("skip_unsupported_regions")
@@ -52,7 +52,8 @@ def _zoo_conv():
     return model.double().eval(), (1, 6, 6)
 
 
-NETS = {"mlp-4-8-8-3": _mlp, "conv-1x6x6": _conv, "zoo-mlp": _zoo_mlp, "zoo-conv": _zoo_conv}
+NETS = {"mlp-4-8-8-3": _mlp, "conv-1x6x6": _conv, "zoo-mlp": _zoo_mlp, "zoo-conv": _zoo_conv,
+        "resnet-conv": lambda: make_resnet("conv"), "input-skip": lambda: make_resnet("input-skip")}
 
 
 @pytest.fixture(params=[f for _, f in bounder_factories], ids=[i for i, _ in bounder_factories])
