@@ -93,7 +93,7 @@ def parse_args(argv=None):
     parser.add_argument("--milp-samples", type=int, default=100, help="first N test images for the MILP")
     parser.add_argument("--milp-every-image", action="store_true",
                         help="run the MILP also on images PGD already breaks (a soundness cross-check; slower)")
-    parser.add_argument("--milp-time-limit", type=float, default=10.0,
+    parser.add_argument("--milp-time-limit", type=float, default=2.0,
                         help="seconds per MILP solve (one margin; an image solves at most 9)")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's training: all 60,000 images, 20 epochs, no warm-up, exact robust "

@@ -1,5 +1,6 @@
 """Skip connections (Wong et al. 2018b's dense form): the normal form of a DenseSequential, and the dual
-and interval bounds through it (the LP and MILP: test_skip_lp_milp.py; every backend: test_contract.py).
+and interval bounds through it (the LP and MILP in depth: test_skip_lp_milp.py; every backend on random
+residual nets here and in test_contract.py).
 
 Exact references: a residual net whose ReLUs are all stably active is affine, so its L∞ range is the
 closed form ``C f(x) ∓ ε ‖(C J)ᵀ‖₁`` with J its Jacobian; a skip net whose skip map is zero equals the
@@ -179,7 +180,8 @@ def test_sandwich_on_random_residual_mlps(seed, width, blocks, eps):
     model = models.residual_mlp(width, blocks, 2, 3).double().eval()
     region = pl.LinfBall(random_inputs((2,), batch=2, seed=seed, low=-1.0), eps)
     values = sampled_values(model, region, None, n=300, seed=seed)
-    for name, (n, o) in BOUNDERS.items():
+    exact = {"lp": ("lp", {}), "milp": ("milp", {"threads": 1})}
+    for name, (n, o) in {**BOUNDERS, **exact}.items():
         bounds = pl.Bounder.create(n, **o).bound(model, region)
         assert_within(values, bounds.lower, bounds.upper, what=name)
 
