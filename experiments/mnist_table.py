@@ -17,7 +17,9 @@ Per model, on the first ``--test-size`` MNIST test images at ε (``--eps``), L�
   PGD ≤ exact ≤ bound can be checked; an image not settled within the time limit widens the exact error
   to a range.
 Training: ``training.train`` with Adam (lr 1e-3, batches of 50, as in the paper) on the first ``--train-size``
-training images. Robust training: an ε warm-up (none with ``--paper``: the seed code trains at a fixed ε) and,
+training images. Robust and PGD training: a linear ε warm-up over ``--warmup-epochs`` (1; none with
+``--paper``: the seed code trains at a fixed ε); without it PGD training at ε = 0.1 stalled at chance
+(88.8% training error for 4 epochs, measured). Robust training also,
 to fit a CPU, intermediate bounds estimated with ``--proj`` 50 random projections (Wong et al. 2018b; every
 reported error uses exact bounds; ``--paper`` trains exactly). PGD training: ``--pgd-train-steps`` sign
 steps of 2.5·ε/steps from a random start (10 by default; Madry et al.'s 40 with ``--paper``).
@@ -78,7 +80,7 @@ def parse_args(argv=None):
     parser.add_argument("--train-size", type=int, default=60_000, help="first N training images")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs")
     parser.add_argument("--warmup-epochs", type=int, default=None,
-                        help="robust training: epochs of linear ε warm-up (default 1; 0 with --paper)")
+                        help="robust and PGD training: epochs of linear ε warm-up (default 1; 0 with --paper)")
     parser.add_argument("--batch-size", type=int, default=50, help="training batch size")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--pgd-train-steps", type=int, default=10,
@@ -169,7 +171,7 @@ def model_specs(args) -> dict:
     for mode in args.models:
         specs[mode] = {"mode": mode, "train_size": args.train_size, "epochs": args.epochs, "eps": args.eps,
                        "batch_size": args.batch_size, "lr": args.lr, "clip": clip, "seed": args.seed,
-                       "warmup_epochs": args.warmup_epochs if mode == "robust" else 0,
+                       "warmup_epochs": args.warmup_epochs if mode in ("robust", "pgd") else 0,
                        "attack_steps": args.pgd_train_steps if mode == "pgd" else None,
                        "proj": args.proj or None if mode == "robust" else None}
     for name, path in args.checkpoint.items():
@@ -333,8 +335,8 @@ def notes(args, milp_ok) -> list:
     ]
     if args.models:
         lines.append(f"Training ({', '.join(args.models)}): Adam lr {args.lr}, batches of {args.batch_size}, first "
-                     f"{args.train_size} training images, {args.epochs} epoch(s); robust: ε warm-up over "
-                     f"{args.warmup_epochs} epoch(s), "
+                     f"{args.train_size} training images, {args.epochs} epoch(s); robust and PGD: ε warm-up over "
+                     f"{args.warmup_epochs} epoch(s); robust: "
                      + (f"intermediate bounds from {args.proj} random projections (evaluation exact)" if args.proj
                         else "exact bounds") + f"; PGD: {args.pgd_train_steps} {PGD_TRAIN}; training region L∞ {R}.")
     if not milp_ok:
