@@ -142,8 +142,6 @@ def _layer_op(i, layer, shape):
     raise _unsupported(i, layer)
 
 
-
-
 def from_torch(model: nn.Module, input_shape) -> Network:
     """Normalise an ``nn.Sequential`` or a :class:`~polytope_lab.models.DenseSequential` into a
     :class:`Network` for inputs of shape ``input_shape`` (no batch)."""
@@ -172,6 +170,7 @@ def _is_chain(model) -> bool:
 
 
 def _chain(model, input_shape) -> Network:
+    """The affine layers between ReLUs composed into one operator each (eval-BatchNorm folded)."""
     shape = tuple(input_shape)
     groups: list[list] = [[]]  # affine parts between ReLUs
     ref = next((p for p in model.parameters()), torch.zeros(()))
