@@ -12,7 +12,8 @@ Parts, all measured in one run and written to ``<out>/results.csv``, ``.md`` and
      figures other tools reached on this machine as reported in the issue (not re-measured here);
   e. exact MILP verdicts, f. LP against the optimised dual (ball ∩ [0, 1]): see ``benchmark_exact``;
   g. robust training steps, exact against random projections, h. peak memory of the exact bound against
-     the batch size, with and without chunking: see ``benchmark_scaling``.
+     the batch size, with and without chunking: see ``benchmark_scaling``;
+  i. skip connections: soundness against the MILP and speed, both libraries: see ``benchmark_skip``.
 ``--parts`` picks the parts (default all).
 Timings: a warm-up call first, then per batch the median of ``--reps`` repetitions, the two
 implementations interleaved. Other processes on the machine distort them; the load average is recorded.
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 import polytope_lab as pl
 from polytope_lab import data, models
 
-from . import benchmark_exact, benchmark_scaling
+from . import benchmark_exact, benchmark_scaling, benchmark_skip
 from ._common import base_parser, machine_load, time_interleaved, to_markdown, write_table
 
 EPS = 0.1
@@ -46,7 +47,7 @@ REPORTED_FIGURES = {
     "alpha_crown": "auto_LiRPA α-CROWN: 193/200 certified, ≈1540 ms/image",
     "robust_errors_500": "32 on the first 500",
 }
-PARTS = "abcdefgh"
+PARTS = "abcdefghi"
 COLUMNS = ["part", "quantity", "polytope_lab", "convex_adversarial", "reference / ours", REPORTED, "note"]
 
 
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--parts", default=PARTS, help="which parts to run, e.g. 'ad' or 'ef'")
     benchmark_exact.add_arguments(parser)
     benchmark_scaling.add_arguments(parser)
+    benchmark_skip.add_arguments(parser)
     args = parser.parse_args(argv)
     unknown = set(args.parts) - set(PARTS)
     if unknown:
@@ -72,6 +74,7 @@ def parse_args(argv=None):
         args.n_images, args.n_compare, args.batch, args.reps = 20, 20, 10, 1
         benchmark_exact.quick(args)
         benchmark_scaling.quick(args)
+        benchmark_skip.quick(args)
     return args
 
 
@@ -340,6 +343,8 @@ def main(argv=None):
         rows += benchmark_scaling.part_g(model, X_train, y_train, EPS, args, ca)
     if "h" in args.parts:
         rows += benchmark_scaling.part_h(X, y, EPS, args)
+    if "i" in args.parts:
+        rows += benchmark_skip.part_i(X, y, args, ca)
 
     df = pd.DataFrame(rows)
     df = df.reindex(columns=COLUMNS + [c for c in df.columns if c not in COLUMNS])
@@ -353,7 +358,7 @@ def main(argv=None):
         "milp_time_limit": args.milp_time_limit, "lp_images": args.lp_images, "seconds_total": round(time.perf_counter() - started, 1),
         "proj": args.proj, "train_steps": args.train_steps, "memory_batches": args.memory_batches,
         "max_memory_mib": args.max_memory_mib, "column_chunk": args.column_chunk,
-        "memory_settings": args.memory_settings,
+        "memory_settings": args.memory_settings, "skip_images": args.skip_images,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "convex_adversarial": package_version("convex_adversarial") if ca else f"missing ({ca_why})",
         "load_at_start": load_start, "load_at_end": load_end,

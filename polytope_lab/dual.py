@@ -35,6 +35,7 @@ from .projections import check_proj, l1_estimate, l2_estimate, random_matrix
 from .regions import L2Ball, LinfBall, Region
 
 FLOAT_BYTES = 4
+SKIP_FORWARD_BYTES = 2 ** 31  # "auto" on a skip net: forward columns only while they fit in this
 
 
 def relu_slopes(l: torch.Tensor, u: torch.Tensor):
@@ -318,18 +319,20 @@ def intermediate_bounds(network: Network, region: Region, strategy: str = "auto"
     ``proj=k``: the frontier's blocks of more than k columns are replaced by k random projections (see
     :class:`_Frontier`) drawn from ``generator`` (torch's global one when None); the bounds are then
     estimates, not sound (``frontier.estimated``). Rows that never reach the frontier stay exact.
-    A network with skip connections uses backward rows only ("auto" means "backward" there; "forward"
-    and ``proj`` raise).
+    A network with skip connections: forward columns through the skips ("forward"; "auto" while they
+    fit in ``SKIP_FORWARD_BYTES``) or backward rows ("backward"); no frontier is returned (the final
+    objective runs to the input); ``proj`` raises.
     """
     if strategy not in ("auto", "forward", "backward"):
         raise ValueError(f"strategy must be 'auto', 'forward' or 'backward', got {strategy!r}")
     check_proj(proj)
-    if network.has_skips and (strategy == "forward" or proj is not None):
-        raise ValueError("a network with skip connections takes backward rows only (strategy 'auto' or "
-                         "'backward'); the forward frontier, and so random projections (proj), need a "
-                         "sequential network")
+    if network.has_skips:
+        if proj is not None:
+            raise ValueError("random projections (proj) need a sequential network: this one has skip connections")
+        bounds = _skip_bounds(network, region, strategy)
+        return (bounds, None) if return_frontier else bounds
     bounds = []
-    use_frontier = strategy != "backward" and network.n_relu_layers > 0 and not network.has_skips
+    use_frontier = strategy != "backward" and network.n_relu_layers > 0
     frontier = _Frontier(network, region, proj, generator) if use_frontier else None
     B = region.batch_size
     for i in range(network.n_relu_layers):
@@ -344,6 +347,30 @@ def intermediate_bounds(network: Network, region: Region, strategy: str = "auto"
             l, u = _backward(network, region, bounds, eye.expand(B, n, *A.out_shape), i, frontier=frontier)
         bounds.append((l.reshape(B, *A.out_shape), u.reshape(B, *A.out_shape)))
     return (bounds, frontier) if return_frontier else bounds
+
+
+def _skip_bounds(network: Network, region: Region, strategy: str) -> list:
+    """Intermediate bounds of a network with skip connections: forward columns through every skip
+    (:class:`~polytope_lab.skip_frontier.SkipFrontier`; "forward", and "auto" while its columns at every
+    layer would take at most ``SKIP_FORWARD_BYTES``) or backward rows to the input."""
+    from .skip_frontier import SkipFrontier  # it builds on this module
+    B, bounds = region.batch_size, []
+    sizes = [network.layer_size(j) for j in range(network.n_relu_layers)]      # z_0 .. z_{k-1}
+    columns = FLOAT_BYTES * B * sum(n * sum(sizes[:j]) for j, n in enumerate(sizes) if j)  # worst case
+    forward = strategy == "forward" or (strategy == "auto" and columns <= SKIP_FORWARD_BYTES)
+    frontier = SkipFrontier(network, region) if forward else None
+    for i in range(network.n_relu_layers):
+        A = network.affines[i]
+        if frontier is not None:
+            if i:
+                frontier.advance(*bounds[-1])
+            l, u = frontier.bounds()
+        else:
+            n = A.out_features
+            eye = torch.eye(n, device=region.x.device, dtype=region.x.dtype).reshape(1, n, *A.out_shape)
+            l, u = _backward(network, region, bounds, eye.expand(B, n, *A.out_shape), i)
+        bounds.append((l.reshape(B, *A.out_shape), u.reshape(B, *A.out_shape)))
+    return bounds
 
 
 def _exact(frontier):
@@ -433,8 +460,8 @@ class DualBounder(Bounder):
     devices) spreads the chunks. ``max_memory`` chunks over examples, ``column_chunk`` within one.
 
     Networks with skip connections (``models.DenseSequential``): the dual transposes through the skips;
-    intermediate bounds come from backward rows (``strategy`` "forward" and ``proj`` raise), and
-    ``column_chunk`` chunks those rows.
+    intermediate bounds come from forward columns kept at every layer a skip reads ("auto", "forward") or
+    from backward rows ("backward"); ``proj`` raises, and ``column_chunk`` chunks backward rows.
     """
 
     name = "dual"

@@ -75,17 +75,13 @@ BOUNDER_VARIANTS = {
 @pytest.fixture
 def skip_unsupported_regions(monkeypatch):
     """For the generic suites: a backend asked to bound over a region type it declares unsupported
-    (``Bounder.supported_regions``, e.g. the MILP and L2 balls), or the dual's forward strategy asked to
-    bound a network with skip connections, skips the test instead of failing; the backend's own tests
-    check that it raises a clear error there."""
+    (``Bounder.supported_regions``, e.g. the MILP and L2 balls) skips the test instead of failing; the
+    backend's own tests check that it raises a clear error there."""
     original = pl.Bounder.bound
 
     def bound(self, model, region, C=None):
         if isinstance(region, pl.Region) and not self.supports(region):
             pytest.skip(f"{self.name} does not support {type(region).__name__}")
-        if getattr(self, "strategy", None) == "forward" and isinstance(region, pl.Region) and \
-                pl.convert.as_network(model, region.input_shape).has_skips:
-            pytest.skip("the forward strategy needs a sequential network (test_skip.py checks that it raises)")
         return original(self, model, region, C)
 
     monkeypatch.setattr(pl.Bounder, "bound", bound)

@@ -75,6 +75,15 @@ def test_demo_on_the_pretrained_convnet(tmp_path):
 
 
 @pytest.mark.slow
+def check_skip_part(table):
+    """Part i: our dual bound on the residual nets lies below the exact MILP minimum and below PGD."""
+    rows = table[table["part"] == "i"].set_index("quantity")
+    above = rows.loc[next(q for q in rows.index if q.startswith("skip net 1×5×5")), "polytope_lab"]
+    assert float(above) <= 1e-9
+    assert float(rows.loc["residual ConvNet: margin rows where PGD goes below the bound", "polytope_lab"]) == 0
+    assert float(rows.loc[next(q for q in rows.index if "ms/image" in q), "polytope_lab"]) > 0
+
+
 def test_benchmark_quick(tmp_path):
     data_dir, model = real_inputs()
     df = benchmark.main(["--quick", "--model", model, "--data-dir", data_dir, "--out", str(tmp_path)])
@@ -83,12 +92,13 @@ def test_benchmark_quick(tmp_path):
     table = pd.read_csv(tmp_path / "results.csv")
     assert list(table.columns)[:len(benchmark.COLUMNS)] == benchmark.COLUMNS
     assert len(table) == len(df)
-    assert set(table["part"]) == set("abcdefgh")
+    assert set(table["part"]) == set("abcdefghi")
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["quick"] and meta["n_images"] == 20
     rows = table.set_index("quantity")
     check_exact_parts(tmp_path, table, data_dir, model)
     check_scaling_parts(table)
+    check_skip_part(table)
     timing = rows.loc["dual bounds, ms/image (batches of 10)"]
     assert timing["polytope_lab"] > 0
     try:

@@ -221,22 +221,22 @@ def test_affine_residual_net_is_closed_form(kind):
 
 @pytest.mark.parametrize("kind", RESNET_KINDS)
 def test_routes_agree(kind):
-    """"auto" and "backward" are the same route on a skip net; row chunks give the same bounds."""
+    """Forward columns through the skips ("auto", "forward"), backward rows ("backward"), row chunks and
+    example chunks all give the same bounds."""
     model, shape = make_resnet(kind)
     region = pl.LinfBall(random_inputs(shape, batch=3, seed=1), 0.15)
     ref = pl.Bounder.create("dual", strategy="backward").bound(model, region)
-    for options in ({}, {"column_chunk": 1}, {"column_chunk": 4, "devices": ["cpu", "cpu"]}, {"max_memory": 1}):
+    for options in ({}, {"strategy": "forward"}, {"column_chunk": 1}, {"column_chunk": 4, "devices": ["cpu", "cpu"]},
+                    {"max_memory": 1}):
         b = pl.Bounder.create("dual", **options).bound(model, region)
         assert torch.allclose(b.lower, ref.lower, atol=1e-12) and torch.allclose(b.upper, ref.upper, atol=1e-12)
         for (l, u), (l0, u0) in zip(b.intermediate, ref.intermediate):
             assert torch.allclose(l, l0, atol=1e-12) and torch.allclose(u, u0, atol=1e-12)
 
 
-def test_forward_strategy_and_projections_refuse_skip_nets():
+def test_projections_refuse_skip_nets():
     model, shape = make_resnet("mlp")
     region = pl.LinfBall(random_inputs(shape, batch=2), 0.1)
-    with pytest.raises(ValueError, match="skip connections"):
-        pl.Bounder.create("dual", strategy="forward").bound(model, region)
     with pytest.raises(ValueError, match="skip connections"):
         pl.Bounder.create("dual", proj=5).bound(model, region)
     with pytest.raises(ValueError, match="skip connections"):
@@ -272,3 +272,21 @@ def test_robust_training_of_a_residual_net_lowers_the_bound():
     pl.train(model, X, y, mode="robust", eps=0.02, epochs=15, batch_size=16, lr=1e-2, progress=False)
     after = pl.Bounder.create("dual").bound(model.eval(), region, C).lower.mean()
     assert after > before + 0.5
+
+
+def test_auto_falls_back_to_backward_rows_when_columns_would_not_fit(monkeypatch):
+    """"auto" on a skip net takes backward rows once the forward columns would exceed SKIP_FORWARD_BYTES."""
+    from polytope_lab import dual, skip_frontier
+    model, shape = make_resnet("conv")
+    region = pl.LinfBall(random_inputs(shape, batch=2, seed=1), 0.15)
+    forward = pl.Bounder.create("dual").bound(model, region)
+    monkeypatch.setattr(dual, "SKIP_FORWARD_BYTES", 0)
+    monkeypatch.setattr(skip_frontier.SkipFrontier, "__init__", _boom)
+    backward = pl.Bounder.create("dual").bound(model, region)
+    assert torch.allclose(forward.lower, backward.lower, atol=1e-12)
+    with pytest.raises(AssertionError, match="forward columns"):
+        pl.Bounder.create("dual", strategy="forward").bound(model, region)
+
+
+def _boom(*args, **kwargs):
+    raise AssertionError("forward columns were built")
