@@ -32,9 +32,9 @@ def _apply(op, block, B):
 class SkipFrontier:
     """Forward columns of the linearised network (fixed α) through a network with skip terms.
 
-    ``states[j]`` = (h (B, n_j), F (B|1, n_j, n0), {k: block}) at ``z_j`` (post-ReLU; ``z_0`` the input);
-    ``pre`` the same triple at the output of affine ``layer``; ``lI[k]`` (B, q_k) the lower bounds of
-    ReLU layer k's unstable units (0 on padding).
+    ``states[j]`` = (h (B, n_j), F (B|1, n_j, n0), {k: block}) at ``z_j`` (post-ReLU; ``z_0`` the input),
+    dropped (None) once no later affine reads ``z_j``; ``pre`` the same triple at the output of affine
+    ``layer``; ``lI[k]`` (B, q_k) the lower bounds of ReLU layer k's unstable units (0 on padding).
     """
 
     def __init__(self, network: Network, region: Region):
@@ -43,6 +43,10 @@ class SkipFrontier:
         eye = torch.eye(n0, device=x.device, dtype=x.dtype).unsqueeze(0)               # (1, n0, n0)
         self.states = [(region.center.reshape(B, -1), eye, {})]
         self.lI = {}
+        self.last_read = {}  # j: the last affine that reads z_j
+        for i in range(len(network.affines)):
+            for j in [i] + [j for j, _ in network.skips_into(i)]:
+                self.last_read[j] = i
         self.pre = self._affine(0)
 
     def _affine(self, i):
@@ -85,3 +89,6 @@ class SkipFrontier:
         self.states.append((d * h, d.unsqueeze(2) * F, post))
         self.layer += 1
         self.pre = self._affine(self.layer)
+        for j in range(self.layer + 1):
+            if self.last_read[j] <= self.layer:
+                self.states[j] = None
