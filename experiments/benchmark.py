@@ -358,7 +358,7 @@ def main(argv=None):
         "milp_time_limit": args.milp_time_limit, "lp_images": args.lp_images, "seconds_total": round(time.perf_counter() - started, 1),
         "proj": args.proj, "train_steps": args.train_steps, "memory_batches": args.memory_batches,
         "max_memory_mib": args.max_memory_mib, "column_chunk": args.column_chunk,
-        "memory_settings": args.memory_settings, "skip_images": args.skip_images,
+        "memory_settings": args.memory_settings, "skip_images": args.skip_images, "skip_batch": args.skip_batch,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "convex_adversarial": package_version("convex_adversarial") if ca else f"missing ({ca_why})",
         "load_at_start": load_start, "load_at_end": load_end,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .dual import _backward, _columns, relu_slopes
+from .dual import _backward, _columns, relu_slopes, relu_terms
 from .network import Network
 from .regions import L2Ball, LinfBall, Region
 
@@ -71,8 +71,9 @@ def column_chunked_bounds(network: Network, region: Region, column_chunk: int, d
                 order, dI, lI = (x[:, start:start + column_chunk].to(device).unsqueeze(2) for x in units[j])
                 G = _columns(net.affines[j + 1], order.squeeze(2), 0).transpose(1, 2) * dI  # (B, c, n_{j+1})
                 G = _push_up(net, on[device], G, j + 1, i)                              # (B, c, n_i)
-                lo.append((lI * (-G).clamp(min=0)).sum(1))
-                up.append((lI * G.clamp(min=0)).sum(1))
+                terms = relu_terms(G.transpose(1, 2), lI.squeeze(2))
+                lo.append(terms[0])
+                up.append(terms[1])
         rad = sum(p.to(main) for p in radius)
         if weight is None:
             rad = region.eps[:, None] * rad.sqrt()

@@ -46,6 +46,15 @@ def relu_slopes(l: torch.Tensor, u: torch.Tensor):
     return d, unstable
 
 
+def relu_terms(G: torch.Tensor, lI: torch.Tensor):
+    """``(Σ_q lI_q [−G_q]₊, Σ_q lI_q [G_q]₊)``, each (B, n), over the columns q of G (B|1, n, q) with lI
+    (B, q): the unstable units' terms of the lower and the upper bound (eq. 23's ``Σ_{j∈I} l_j [ν_j]₊``),
+    from one clamp and two batched products (``[−a]₊ = [a]₊ − a``)."""
+    lI = lI.unsqueeze(-1)                                                       # (B, q, 1)
+    pos = torch.matmul(G.clamp(min=0), lI).squeeze(-1)
+    return pos - torch.matmul(G, lI).squeeze(-1), pos
+
+
 def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, alpha=None,
               frontier=None):
     """Bounds on ``rowsᵀ ẑ`` at the output of affine ``top`` from the dual network (eq. 22–23).
@@ -80,16 +89,18 @@ def _backward(network: Network, region: Region, bounds: list, rows: torch.Tensor
             break
         l, u = bounds[i - 1]
         d, unstable = relu_slopes(l, u)
-        d, unstable, l = (t.reshape(B, 1, *A.in_shape) for t in (d, unstable, l))  # (B, 1, *shape_i)
-        lI = torch.where(unstable, l, torch.zeros_like(l))
+        lI = torch.where(unstable, l, torch.zeros_like(l)).reshape(B, -1)       # (B, n_i)
+        d, unstable = (t.reshape(B, 1, *A.in_shape) for t in (d, unstable))     # (B, 1, *shape_i)
         if alpha is None:
             omega = d * omega_hat                                                # ν_i = D_i ν̂_i (eq. 26)
-            relu_up = relu_up + (lI * omega.clamp(min=0)).reshape(B, m, -1).sum(-1)
         else:
             # eq. 22 in ω: ω = α[ω̂]_+ − u/(u−l)[ω̂]_− on I, d ω̂ elsewhere
             a = alpha[i - 1].reshape(B, m, *A.in_shape)
             omega = torch.where(unstable, a * omega_hat.clamp(min=0) + d * omega_hat.clamp(max=0), d * omega_hat)
-        relu_lo = relu_lo + (lI * (-omega).clamp(min=0)).reshape(B, m, -1).sum(-1)
+        lo, up = relu_terms(omega.reshape(B, m, -1), lI)
+        relu_lo = relu_lo + lo
+        if alpha is None:
+            relu_up = relu_up + up
     if frontier is not None:
         lin, dev, lo, up = frontier.jump(omega.reshape(B, m, -1))
         upper = None if alpha is not None else J + lin + dev - relu_up - up
@@ -210,8 +221,8 @@ class _Frontier:
             dev = dev + (F.deviation(self.region) if isinstance(F, patches.PatchRows) else self.region.deviation(F))
         lower, upper = mid - dev, mid + dev
         for G, lI in zip(self.G, self.lI):
-            lower = lower + (lI.unsqueeze(1) * (-G).clamp(min=0)).sum(2)
-            upper = upper - (lI.unsqueeze(1) * G.clamp(min=0)).sum(2)
+            lo, up = relu_terms(G, lI)
+            lower, upper = lower + lo, upper - up
         return lower, upper
 
     def jump(self, omega):
@@ -230,9 +241,8 @@ class _Frontier:
             dev = dev + self.region.deviation(torch.matmul(omega, F))           # ν̂_1: (B, m, n0)
         lo, up = torch.zeros_like(lin), torch.zeros_like(lin)
         for G, lI in zip(self.G, self.lI):
-            nu_I = torch.matmul(omega, G)                                       # (B, m, q): ν at unstable units
-            lo = lo + (lI.unsqueeze(1) * (-nu_I).clamp(min=0)).sum(2)
-            up = up + (lI.unsqueeze(1) * nu_I.clamp(min=0)).sum(2)
+            terms = relu_terms(torch.matmul(omega, G), lI)                      # ν at the unstable units: (B, m, q)
+            lo, up = lo + terms[0], up + terms[1]
         return lin, dev, lo, up
 
     def advance(self, l, u):
@@ -320,17 +330,16 @@ def intermediate_bounds(network: Network, region: Region, strategy: str = "auto"
     :class:`_Frontier`) drawn from ``generator`` (torch's global one when None); the bounds are then
     estimates, not sound (``frontier.estimated``). Rows that never reach the frontier stay exact.
     A network with skip connections: forward columns through the skips ("forward"; "auto" while they
-    fit in ``SKIP_FORWARD_BYTES``) or backward rows ("backward"); no frontier is returned (the final
-    objective runs to the input); ``proj`` raises.
+    fit in ``SKIP_FORWARD_BYTES``; ``proj`` as above) or backward rows ("backward"); the frontier returned
+    is then a :class:`~polytope_lab.skip_frontier.SkipFrontier` (None for backward rows), which the final
+    objective does not jump through: it runs to the input.
     """
     if strategy not in ("auto", "forward", "backward"):
         raise ValueError(f"strategy must be 'auto', 'forward' or 'backward', got {strategy!r}")
     check_proj(proj)
     if network.has_skips:
-        if proj is not None:
-            raise ValueError("random projections (proj) need a sequential network: this one has skip connections")
-        bounds = _skip_bounds(network, region, strategy)
-        return (bounds, None) if return_frontier else bounds
+        bounds, frontier = _skip_bounds(network, region, strategy, proj, generator)
+        return (bounds, frontier) if return_frontier else bounds
     bounds = []
     use_frontier = strategy != "backward" and network.n_relu_layers > 0
     frontier = _Frontier(network, region, proj, generator) if use_frontier else None
@@ -349,16 +358,17 @@ def intermediate_bounds(network: Network, region: Region, strategy: str = "auto"
     return (bounds, frontier) if return_frontier else bounds
 
 
-def _skip_bounds(network: Network, region: Region, strategy: str) -> list:
-    """Intermediate bounds of a network with skip connections: forward columns through every skip
+def _skip_bounds(network: Network, region: Region, strategy: str, proj=None, generator=None):
+    """(bounds, frontier) of a network with skip connections: forward columns through every skip
     (:class:`~polytope_lab.skip_frontier.SkipFrontier`; "forward", and "auto" while its columns at every
-    layer would take at most ``SKIP_FORWARD_BYTES``) or backward rows to the input."""
+    layer would take at most ``SKIP_FORWARD_BYTES``) or backward rows to the input (frontier None)."""
     from .skip_frontier import SkipFrontier  # it builds on this module
     B, bounds = region.batch_size, []
     sizes = [network.layer_size(j) for j in range(network.n_relu_layers)]      # z_0 .. z_{k-1}
-    columns = FLOAT_BYTES * B * sum(n * sum(sizes[:j]) for j, n in enumerate(sizes) if j)  # worst case
+    blocks = sizes if proj is None else [min(n, proj) for n in sizes]          # columns per block, at most
+    columns = FLOAT_BYTES * B * sum(n * sum(blocks[:j]) for j, n in enumerate(sizes) if j)  # worst case
     forward = strategy == "forward" or (strategy == "auto" and columns <= SKIP_FORWARD_BYTES)
-    frontier = SkipFrontier(network, region) if forward else None
+    frontier = SkipFrontier(network, region, proj, generator) if forward else None
     for i in range(network.n_relu_layers):
         A = network.affines[i]
         if frontier is not None:
@@ -370,12 +380,13 @@ def _skip_bounds(network: Network, region: Region, strategy: str) -> list:
             eye = torch.eye(n, device=region.x.device, dtype=region.x.dtype).reshape(1, n, *A.out_shape)
             l, u = _backward(network, region, bounds, eye.expand(B, n, *A.out_shape), i)
         bounds.append((l.reshape(B, *A.out_shape), u.reshape(B, *A.out_shape)))
-    return bounds
+    return bounds, frontier
 
 
 def _exact(frontier):
-    """``frontier`` unless it holds estimated terms: the final objective is exact given its bounds."""
-    return None if frontier is None or frontier.estimated else frontier
+    """``frontier`` if the final objective can jump through it: a sequential frontier without estimated
+    terms (the final objective is exact given the bounds)."""
+    return frontier if isinstance(frontier, _Frontier) and not frontier.estimated else None
 
 
 def dual_objective(network: Network, region: Region, bounds: list, C: torch.Tensor, alpha=None, frontier=None):
@@ -461,7 +472,8 @@ class DualBounder(Bounder):
 
     Networks with skip connections (``models.DenseSequential``): the dual transposes through the skips;
     intermediate bounds come from forward columns kept at every layer a skip reads ("auto", "forward") or
-    from backward rows ("backward"); ``proj`` raises, and ``column_chunk`` chunks backward rows.
+    from backward rows ("backward"); ``proj`` sketches the forward columns (backward rows stay exact), and
+    ``column_chunk`` chunks backward rows.
     """
 
     name = "dual"

@@ -7,14 +7,34 @@ post-ReLU (``D_j`` applied): the centre image ``h``, the input columns ``F`` and
 its unstable units' columns. At ``z_{k+1}`` the new units of ReLU layer k are held as a selector
 (unit indices, slopes) and become columns only through the operators that read them, which avoids an
 (n × q) one-hot block.
+
+With ``proj=k`` the blocks of more than k columns are sketched as in ``dual._Frontier`` (same estimator,
+same draws): every state then also holds ``S`` (B|1, n_j, k), the Cauchy combinations of the projected
+blocks (the radius-weighted input columns, ``½ l_q d_q e_q`` for a projected ReLU layer), and ``S2``, an
+L2 ball's Gaussian input sketch. The sketches are linear in the columns, so one ``S`` per state carries
+every projected block through the skips; a projected layer's linear half ``−½ Σ_q l_q d_q e_q`` is folded
+into ``h``.
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
-from .dual import _columns, relu_slopes
+from .dual import _columns, relu_slopes, relu_terms
 from .network import LinearOp, Network
-from .regions import Region
+from .projections import l1_estimate, l2_estimate, random_matrix
+from .regions import L2Ball, LinfBall, Region
+
+
+class _State(NamedTuple):
+    """The linearised network at one layer: centre image, exact input columns (None when sketched),
+    exact blocks of unstable units by ReLU layer, Cauchy and Gaussian sketches (None when absent)."""
+    h: torch.Tensor
+    F: Optional[torch.Tensor]
+    blocks: dict
+    S: Optional[torch.Tensor]
+    S2: Optional[torch.Tensor]
 
 
 def _apply(op, block, B):
@@ -29,19 +49,31 @@ def _apply(op, block, B):
     return op.linear(block.transpose(1, 2).reshape(Bm * c, *op.in_shape)).reshape(Bm, c, -1).transpose(1, 2)
 
 
+def _add(total, term):
+    return term if total is None else total + term
+
+
 class SkipFrontier:
     """Forward columns of the linearised network (fixed α) through a network with skip terms.
 
-    ``states[j]`` = (h (B, n_j), F (B|1, n_j, n0), {k: block}) at ``z_j`` (post-ReLU; ``z_0`` the input),
-    dropped (None) once no later affine reads ``z_j``; ``pre`` the same triple at the output of affine
-    ``layer``; ``lI[k]`` (B, q_k) the lower bounds of ReLU layer k's unstable units (0 on padding).
+    ``states[j]`` (a :class:`_State`) at ``z_j`` (post-ReLU; ``z_0`` the input), dropped (None) once no
+    later affine reads ``z_j``; ``pre`` the same at the output of affine ``layer``; ``lI[k]`` (B, q_k) the
+    lower bounds of ReLU layer k's exact unstable units (0 on padding). ``proj``/``generator``: random
+    projections (see the module docstring); ``scale`` (B, 1, 1) a plain ball's ε, applied to the input
+    sketch (shared by the batch) wherever an affine reads it.
     """
 
-    def __init__(self, network: Network, region: Region):
+    def __init__(self, network: Network, region: Region, proj=None, generator=None):
         self.network, self.region, self.layer = network, region, 0
+        self.proj, self.generator, self.scale = proj, generator, None
         B, n0, x = region.batch_size, network.input_size, region.x
-        eye = torch.eye(n0, device=x.device, dtype=x.dtype).unsqueeze(0)               # (1, n0, n0)
-        self.states = [(region.center.reshape(B, -1), eye, {})]
+        F = S = S2 = None
+        if proj is None or proj >= n0:
+            F = torch.eye(n0, device=x.device, dtype=x.dtype).unsqueeze(0)              # (1, n0, n0)
+        else:
+            S, S2 = self._sketch_input()
+        self.estimated = F is None
+        self.states = [_State(region.center.reshape(B, -1), F, {}, S, S2)]
         self.lI = {}
         self.last_read = {}  # j: the last affine that reads z_j
         for i in range(len(network.affines)):
@@ -49,44 +81,75 @@ class SkipFrontier:
                 self.last_read[j] = i
         self.pre = self._affine(0)
 
+    def _sketch_input(self):
+        """(S, S2) at z_0: k random combinations of the input coordinates as columns (B|1, n0, k),
+        each coordinate weighted by its radius (Cauchy for an L∞ ball, Gaussian for an L2 ball)."""
+        region, k = self.region, self.proj
+        B, n0 = region.batch_size, self.network.input_size
+        if not isinstance(region, (LinfBall, L2Ball)):
+            raise ValueError(f"random projections need a LinfBall or an L2Ball, got {type(region).__name__}")
+        kind = "cauchy" if isinstance(region, LinfBall) else "gauss"
+        R = random_matrix(kind, (k, n0), self.generator, region.x).t().unsqueeze(0)     # (1, n0, k)
+        if isinstance(region, LinfBall) and region.clip is not None:  # per-coordinate radius
+            R = region.radius.reshape(B, n0, 1) * R
+        else:
+            self.scale = region.eps.reshape(B, 1, 1)
+        return (R, None) if kind == "cauchy" else (None, R)
+
     def _affine(self, i):
-        """(h, F, blocks) at the output of affine i: its main term on z_i plus its skip terms."""
+        """The state at the output of affine i: its main term on z_i plus its skip terms."""
         B = self.region.batch_size
-        h, F, blocks = 0, 0, {}
+        h, F, blocks, S, S2 = 0, None, {}, None, None
         for j, op in [(i, self.network.affines[i])] + self.network.skips_into(i):
-            hj, Fj, Gj = self.states[j]
-            h = h + op.forward(hj.reshape(B, *op.in_shape)).reshape(B, -1)             # biases included
-            F = F + _apply(op, Fj, B)
-            for k, block in Gj.items():
+            st = self.states[j]
+            h = h + op.forward(st.h.reshape(B, *op.in_shape)).reshape(B, -1)           # biases included
+            if st.F is not None:
+                F = _add(F, _apply(op, st.F, B))
+            for k, block in st.blocks.items():
                 blocks[k] = blocks.get(k, 0) + _apply(op, block, B)
-        return h, F, blocks
+            scale = self.scale if j == 0 else None
+            sketches = [None if M is None else _apply(op, M, B) for M in (st.S, st.S2)]
+            S, S2 = (total if M is None else _add(total, M if scale is None else M * scale)
+                     for total, M in zip((S, S2), sketches))
+        return _State(h, F, blocks, S, S2)
 
     def bounds(self):
         """(l, u) of the current layer's pre-activations, each (B, n_s)."""
-        h, F, blocks = self.pre
-        dev = self.region.deviation(F)
+        h, F, blocks, S, S2 = self.pre
+        dev = 0.0 if F is None else self.region.deviation(F)
+        if S is not None:
+            dev = dev + l1_estimate(S, 2)
+        if S2 is not None:
+            dev = dev + l2_estimate(S2, 2)
         lower, upper = h - dev, h + dev
         for k, G in blocks.items():
-            lI = self.lI[k].unsqueeze(1)
-            lower = lower + (lI * (-G).clamp(min=0)).sum(2)
-            upper = upper - (lI * G.clamp(min=0)).sum(2)
+            lo, up = relu_terms(G, self.lI[k])
+            lower, upper = lower + lo, upper - up
         return lower, upper
 
     def advance(self, l, u):
         """Apply D_s (from this layer's l, u), keep the state at z_{s+1}, and move to affine s + 1."""
         B = self.region.batch_size
-        h, F, blocks = self.pre
+        h, F, blocks, S, S2 = self.pre
         l, u = l.reshape(B, -1), u.reshape(B, -1)
         d, unstable = relu_slopes(l, u)                                                # (B, n_s)
-        post = {k: d.unsqueeze(2) * G for k, G in blocks.items()}
+        D = d.unsqueeze(2)
+        post = {k: D * G for k, G in blocks.items()}
+        h, F, S, S2 = d * h, None if F is None else D * F, None if S is None else D * S, None if S2 is None else D * S2
         counts = unstable.sum(1)
         q_max = int(counts.max()) if B else 0
-        if q_max:
+        if self.proj is not None and q_max > self.proj:   # sketch: k Cauchy combinations of w_q e_q
+            w = torch.where(unstable, d * l, torch.zeros_like(l)) / 2                   # (B, n_s)
+            R = random_matrix("cauchy", (1, self.proj, w.shape[1]), self.generator, w).transpose(1, 2)
+            S = _add(S, w.unsqueeze(2) * R)
+            h = h - w
+            self.estimated = True
+        elif q_max:
             order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :q_max]
             valid = torch.arange(q_max, device=d.device)[None, :] < counts[:, None]   # (B, q_max)
             post[self.layer] = (order, torch.gather(d, 1, order) * valid)
             self.lI[self.layer] = torch.gather(l, 1, order) * valid
-        self.states.append((d * h, d.unsqueeze(2) * F, post))
+        self.states.append(_State(h, F, post, S, S2))
         self.layer += 1
         self.pre = self._affine(self.layer)
         for j in range(self.layer + 1):
