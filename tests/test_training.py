@@ -200,6 +200,8 @@ def test_same_seed_same_result_and_progress_bar(toy, capsys):
     (dict(clip=0.5), "clip"),
     (dict(clip=(1.0, 0.0)), "clip"),
     (dict(clip=(0.0, 0.5)), "outside clip"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(chunk_size=2.0), "chunk_size"),
 ])
 def test_bad_settings_rejected(toy, change, match):
     X, y = toy
@@ -234,3 +236,25 @@ def test_bad_data_rejected(toy):
 def test_exports():
     assert pl.train is training.train and pl.eps_schedule is training.eps_schedule
     assert pl.toy_points is data.toy_points
+
+
+def test_chunked_robust_training_takes_the_same_steps(toy):
+    """``chunk_size`` accumulates the batch's gradient over chunks: the same weights and log as one pass
+    (float64, so only rounding differs); with projections the run is still reproducible."""
+    X, y = toy
+    X = X.double()
+    models_ = []
+    for chunk_size in (None, 3, 10):
+        model = small_mlp().double()
+        log = training.train(model, X, y, mode="robust", epochs=3, chunk_size=chunk_size, **FAST)
+        models_.append((model, log))
+    (ref, ref_log), *others = models_
+    for model, log in others:
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.allclose(p, q, atol=1e-10, rtol=0)
+        assert np.allclose(log.drop(columns="seconds"), ref_log.drop(columns="seconds"), atol=1e-10)
+    runs = []
+    for _ in range(2):
+        model = small_mlp().double()
+        runs.append(training.train(model, X, y, mode="robust", epochs=2, chunk_size=4, proj=1, **FAST))
+    assert runs[0].drop(columns="seconds").equals(runs[1].drop(columns="seconds"))
