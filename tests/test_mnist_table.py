@@ -97,6 +97,13 @@ def test_attacks_lie_below_the_bound(quick_run):
     assert per_image.loc[per_image["by"] == "pgd", "status"].eq("counterexample").all()
 
 
+def _copy_of_run(out, tmp_path):
+    """A copy of the quick run's output folder, and its finished cells."""
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    return copy, json.loads((copy / "cells.json").read_text())["cells"]
+
+
 def _boom(*args, **kwargs):
     raise AssertionError("a finished cell or training was recomputed")
 
@@ -104,9 +111,7 @@ def _boom(*args, **kwargs):
 @pytest.mark.slow
 def test_rerun_skips_finished_cells(quick_run, tmp_path, monkeypatch):
     out, argv = quick_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    cells = json.loads((copy / "cells.json").read_text())["cells"]
+    copy, cells = _copy_of_run(out, tmp_path)
     removed = next(c for c in cells if (c["model"], c["column"]) == ("robust", "fgsm"))
     kept = [c for c in cells if c is not removed]
     (copy / "cells.json").write_text(json.dumps({"cells": kept}))
@@ -128,9 +133,7 @@ def test_rerun_skips_finished_cells(quick_run, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_missing_milp_backend_is_noted(quick_run, tmp_path, monkeypatch):
     out, argv = quick_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    cells = json.loads((copy / "cells.json").read_text())["cells"]
+    copy, cells = _copy_of_run(out, tmp_path)
     (copy / "cells.json").write_text(json.dumps({"cells": [c for c in cells if c["column"] != "milp"]}))
     monkeypatch.setattr(pl.Bounder, "available", classmethod(lambda cls: ["interval", "dual"]))
     table = mnist_table.main(argv[:1] + ["--out", str(copy)] + argv[3:])
