@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .network import Conv2dOp, _numel
-from .regions import L2Ball, LinfBall, Region
+from ..network import Conv2dOp, numel
+from ..regions import L2Ball, LinfBall, Region
 
 MAX_TRANSFER = 2 ** 24  # entries of a patch-to-patch matrix before we stop using patches
 
@@ -88,7 +88,7 @@ class PatchRows:
 
     def __init__(self, P, in_shape, k, s, p, out_hw):
         self.P, self.in_shape, self.k, self.s, self.p, self.out_hw = P, tuple(in_shape), k, s, p, tuple(out_hw)
-        self.shape = (P.shape[0], P.shape[1] * P.shape[2], _numel(in_shape))
+        self.shape = (P.shape[0], P.shape[1] * P.shape[2], numel(in_shape))
 
     def window(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (B|1, *in_shape) read through every row's window: (B|1, 1, L, C0·K·K), zero outside."""
