@@ -27,7 +27,8 @@ def _advance_pays(network: Network, frontier: Frontier, i: int) -> bool:
     if s == 0:
         backward = A.out_features * sum(a.cost for a in network.affines[: i + 1])
     else:
-        backward = A.out_features * (sum(a.cost for a in network.affines[s + 1: i + 1]) + frontier.width * frontier.columns)
+        jump = frontier.width * frontier.columns
+        backward = A.out_features * (sum(a.cost for a in network.affines[s + 1: i + 1]) + jump)
     return frontier.advance_cost() <= backward
 
 
@@ -59,7 +60,8 @@ def intermediate_bounds(network: Network, region: Region, strategy: str = "auto"
     B = region.batch_size
     for i in range(network.n_relu_layers):
         A = network.affines[i]
-        if frontier is not None and frontier.layer < i and (strategy == "forward" or _advance_pays(network, frontier, i)):
+        behind = frontier is not None and frontier.layer < i
+        if behind and (strategy == "forward" or _advance_pays(network, frontier, i)):
             frontier.advance(*bounds[frontier.layer])
         if frontier is not None and frontier.layer == i:
             l, u = frontier.bounds()
