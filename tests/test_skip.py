@@ -252,7 +252,7 @@ def _zero_skip_pair(n0=40, width=30):
 @pytest.mark.parametrize("norm", ["linf", "linf-clip", "l2"])
 def test_projections_through_a_zero_skip_equal_the_sequential_estimate(norm):
     """Same draws, same estimator: the skip frontier's sketches give the sequential frontier's estimates
-    (whose convergence test_projections.py checks), whether the input, a ReLU layer, or nothing is projected."""
+    (whose convergence test_dual_projections.py checks), whether the input, a ReLU layer, or nothing is projected."""
     seq, dense = _zero_skip_pair()
     region = _regions(random_inputs((40,), batch=3, seed=2))[norm]
     for k, estimated in ((5, True), (25, True), (1000, False)):  # 40 inputs, up to 30 unstable units
