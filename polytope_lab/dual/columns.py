@@ -17,6 +17,12 @@ def basis(n: int, start: int, count: int, device, dtype) -> torch.Tensor:
     return E
 
 
+def matrix_transpose(A: Affine, device, dtype) -> torch.Tensor:
+    """``Wᵀ`` (n_in, n_out) of A's linear part: A applied to the identity (row q = column q of W)."""
+    eye = torch.eye(A.in_features, device=device, dtype=dtype).reshape(A.in_features, *A.in_shape)
+    return A.linear(eye).reshape(A.in_features, -1)
+
+
 def unit_columns(A: Affine, order: torch.Tensor, budget: int) -> torch.Tensor:
     """Columns ``order`` (B, q) of A's matrix as (B, n_out, q): a gather from the dense matrix, or A
     applied to one-hot inputs when that takes fewer operator calls (``budget`` = B·q)."""
@@ -26,9 +32,7 @@ def unit_columns(A: Affine, order: torch.Tensor, budget: int) -> torch.Tensor:
     n_in = A.in_features
     ref = A.bias()
     if n_in <= budget and n_in * A.out_features <= MAX_DENSE:
-        eye = torch.eye(n_in, device=ref.device, dtype=ref.dtype).reshape(n_in, *A.in_shape)
-        dense = A.linear(eye).reshape(n_in, -1)                                 # row q = column q of W
-        return dense[order].transpose(1, 2)
+        return matrix_transpose(A, ref.device, ref.dtype)[order].transpose(1, 2)
     E = ref.new_zeros(B, q, n_in).scatter(2, order.unsqueeze(2), 1.0)
     return A.linear(E.reshape(B * q, *A.in_shape)).reshape(B, q, -1).transpose(1, 2)
 
@@ -52,4 +56,4 @@ def push(A: Affine, d: torch.Tensor, M) -> torch.Tensor:
     return apply(A, d.unsqueeze(2) * M)
 
 
-__all__ = ["basis", "unit_columns", "apply", "push"]
+__all__ = ["basis", "matrix_transpose", "unit_columns", "apply", "push"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import patches
-from .columns import push, unit_columns
+from .columns import matrix_transpose, push, unit_columns
 from .projections import l1_estimate, l2_estimate, sketch_input, sketch_relu
 from .relu import max_unstable, relu_slopes, relu_terms, unstable_units
 from ..network import Network
@@ -45,8 +45,7 @@ class Frontier:
         self.h = A.forward(region.center).reshape(B, -1)
         self.F = self.S = self.S2 = self.shift = self.scale = None
         if proj is None or proj >= n0:
-            eye = torch.eye(n0, device=x.device, dtype=x.dtype).reshape(n0, *network.input_shape)
-            self.F = A.linear(eye).reshape(n0, -1).t().unsqueeze(0)           # (1, n_1, n0): A_1·I
+            self.F = matrix_transpose(A, x.device, x.dtype).t().unsqueeze(0)   # (1, n_1, n0): A_1·I
         else:  # S (L∞) or S2 (L2): A_1 applied to k random combinations of the input coordinates
             sketch = sketch_input(region, n0, proj, generator)
             S = A.linear(sketch.R.reshape(-1, *network.input_shape)).reshape(-1, proj, A.out_features)
