@@ -48,7 +48,7 @@ def apply(A: Affine, M: torch.Tensor) -> torch.Tensor:
 def push(A: Affine, d: torch.Tensor, M) -> torch.Tensor:
     """``A·(d ⊙ column)`` for every column of M (B|1, n, c) or :class:`PatchRows`, with d (B, n): (B, n', c)."""
     if isinstance(M, PatchRows):
-        if isinstance(A, LinearOp) and M.foldable:
+        if isinstance(A, LinearOp):
             return M.left_multiply(A.weight * d.unsqueeze(1))
         M = M.dense()
     if isinstance(A, LinearOp):

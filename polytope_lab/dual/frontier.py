@@ -115,8 +115,7 @@ class Frontier:
         dev = self._sketched(omega)
         F = self.F
         if isinstance(F, patches.PatchRows):
-            nu_hat_1 = F.left_multiply(omega) if F.foldable else torch.matmul(omega, F.dense())
-            dev = dev + self.region.deviation(nu_hat_1)
+            dev = dev + self.region.deviation(F.left_multiply(omega))           # ν̂_1: (B, m, n0)
         elif F is not None:
             dev = dev + self.region.deviation(torch.matmul(omega, F))           # ν̂_1: (B, m, n0)
         lo, up = torch.zeros_like(lin), torch.zeros_like(lin)

@@ -109,7 +109,10 @@ class PatchRows:
 
     def left_multiply(self, M: torch.Tensor) -> torch.Tensor:
         """``M @ rows`` for M (B, m, n_top): (B, m, n_0), one small product per window, then summed
-        into the input by ``fold`` (which drops what falls outside)."""
+        into the input by ``fold`` (which drops what falls outside); through :meth:`dense` when ``fold``
+        would see another grid of windows (not :attr:`foldable`)."""
+        if not self.foldable:
+            return torch.matmul(M, self.dense())
         B, m = M.shape[:2]
         c_top, L, kk = self.P.shape[1:]
         C0, H, W = self.in_shape
@@ -128,7 +131,7 @@ class PatchRows:
 
     @property
     def foldable(self) -> bool:
-        """Whether ``fold`` sees exactly our grid of windows (else ``left_multiply`` needs ``dense``)."""
+        """Whether ``fold`` sees exactly our grid of windows (else ``left_multiply`` goes through ``dense``)."""
         H, W = self.in_shape[1:]
         grid = ((H + 2 * self.p - self.k) // self.s + 1, (W + 2 * self.p - self.k) // self.s + 1)
         return grid == self.out_hw
