@@ -1,8 +1,8 @@
 """Backward rows of the dual network (Wong & Kolter 2018, eqs. 22–23).
 
-For rows c at the output of affine ``top``: ``ν_top+1 = −c``, ``ν̂_i = W_iᵀ ν_{i+1}`` (eq. 22) and on
-a ReLU layer with bounds ``l ≤ ẑ_i ≤ u``: ``ν_i = 0`` on I⁻, ``ν̂_i`` on I⁺ and
-``u/(u−l)[ν̂_i]₊ − α[ν̂_i]₋`` on I; then
+For rows c at the output ``ẑ_k`` of affine ``top``: ``ν_k = −c``, ``ν̂_i = W_iᵀ ν_{i+1}`` (eq. 22) and,
+on a ReLU layer with bounds ``l ≤ ẑ_i ≤ u``, ``ν_i = 0`` on I⁻, ``ν̂_i`` on I⁺ and
+``u/(u−l)[ν̂_i]₊ − α[ν̂_i]₋`` on I (0 ≤ α ≤ 1); then
 ``J = −Σ_i ν_{i+1}ᵀ b_i − xᵀν̂_1 − ε‖ν̂_1‖ + Σ_i Σ_{j∈I_i} l_j [ν_j]₊`` (eq. 23).
 In code we propagate ``ω = −ν`` (``ω = c`` at the top): for fixed α this is the linearised network run
 backwards, and it gives the lower and the upper bound of a row in one pass. A *frontier* (the forward
