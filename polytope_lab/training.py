@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .attacks import pgd
 from .bounds import check_objective, margin_matrix
 from .dual import dual_objective, intermediate_bounds
-from .projections import check_proj
+from .dual.projections import check_proj
 from .convert import as_network
 from .regions import LinfBall
 

@@ -11,7 +11,7 @@ import torch
 import polytope_lab as pl
 from polytope_lab import models, training
 from polytope_lab.dual import EstimatedBounds, intermediate_bounds
-from polytope_lab.projections import l1_estimate, l2_estimate
+from polytope_lab.dual.projections import l1_estimate, l2_estimate
 from polytope_lab.convert import as_network
 
 from conftest import make_convnet, make_mlp, random_inputs
