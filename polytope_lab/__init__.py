@@ -3,7 +3,8 @@ from .attacks import fgsm, pgd, pgd_minimize
 from .bounds import Bounder, Bounds, cross_check, margin_matrix
 from .data import toy_points
 from .dual.chunked import column_chunked_bounds
-from .dual import DualBounder, EstimatedBounds, dual_objective, intermediate_bounds
+from .bounds import EstimatedBounds
+from .dual import DualBounder, dual_objective, intermediate_bounds
 from .interval import IntervalBounder, interval_bounds
 from .milp import (AdversarialDistance, Certification, MILPBounder, MILPBounds, certified_radius,
                    minimum_adversarial_distance)

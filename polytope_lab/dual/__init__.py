@@ -15,15 +15,15 @@ Modules, bottom up:
   forward frontier and backward rows that jump through it; ``strategy`` keeps the pure routes);
 - ``chunked``: the exact intermediate bounds in chunks of columns, over several devices;
 - ``alpha``: :func:`optimize_alpha`, projected gradient ascent on α;
-- ``bounder``: :class:`DualBounder` and :class:`EstimatedBounds`.
+- ``bounder``: :class:`DualBounder`.
 Every route evaluates the same formula, so they agree to rounding.
 """
 from .alpha import optimize_alpha
 from .backward import dual_objective
-from .bounder import DualBounder, EstimatedBounds
+from .bounder import DualBounder
 from .chunked import column_chunked_bounds
 from .intermediate import intermediate_bounds
 from .relu import relu_slopes, relu_terms
 
-__all__ = ["DualBounder", "EstimatedBounds", "intermediate_bounds", "dual_objective", "optimize_alpha",
+__all__ = ["DualBounder", "intermediate_bounds", "dual_objective", "optimize_alpha",
            "column_chunked_bounds", "relu_slopes", "relu_terms"]

@@ -1,8 +1,7 @@
-"""The dual backend: :class:`DualBounder` (Wong–Kolter bounds behind the :class:`~polytope_lab.Bounder`
-contract) and :class:`EstimatedBounds` (its result when random projections estimated a term)."""
+"""The dual backend: :class:`DualBounder`, Wong–Kolter bounds behind the :class:`~polytope_lab.Bounder`
+contract; its result is an :class:`~polytope_lab.bounds.EstimatedBounds` when random projections estimated
+a term."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -11,21 +10,8 @@ from .backward import dual_objective
 from .chunked import column_chunked_bounds
 from .intermediate import FLOAT_BYTES, intermediate_bounds
 from .projections import check_proj
-from ..bounds import Bounder, Bounds
+from ..bounds import Bounder, Bounds, EstimatedBounds
 from ..network import Network
-
-
-@dataclass
-class EstimatedBounds(Bounds):
-    """Bounds computed from random-projection estimates (``DualBounder(proj=k)``): close to the exact dual
-    bounds for large k, but NOT sound — an estimate can be tighter than the truth. ``sound`` is False and
-    ``certified`` raises; ``(b.lower > 0).all(1)`` gives the estimate's verdict if you explicitly want it."""
-
-    sound: bool = False
-
-    @property
-    def certified(self) -> torch.Tensor:
-        raise ValueError(f"estimated bounds ({self.method}) cannot certify; use exact bounds (proj=None)")
 
 
 class DualBounder(Bounder):
@@ -36,7 +22,8 @@ class DualBounder(Bounder):
     intermediate bounds keep the fixed α); ``device`` (default: where the region's ``x`` lives, so CPU
     unless you pass CUDA tensors or ``device="cuda"``; results come back on ``x``'s device);
     ``max_memory`` bytes per chunk of examples (chunking bounds peak memory, results are unchanged);
-    ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds. Results carry no gradient:
+    ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds. Results carry no gradient
+    (the base class detaches them):
     use :func:`polytope_lab.robust_loss` or :func:`dual_objective` to differentiate through the bound.
 
     ``proj=k``: estimate the intermediate bounds with k random projections (Wong et al. 2018b; Cauchy
@@ -45,7 +32,7 @@ class DualBounder(Bounder):
     columns (n_0 for the input, the batch's largest count of unstable units for a ReLU layer), otherwise
     it stays exact. Given the intermediate bounds the final objective is exact. If anything was
     estimated the result is an :class:`EstimatedBounds` (``method`` e.g. "dual-proj50", ``sound`` False,
-    ``certified`` raises); ``seed`` (int) draws the projections from a fresh generator on every call, so
+    never ``certified``); ``seed`` (int) draws the projections from a fresh generator on every call, so
     a call is reproducible (None: torch's global generator).
 
     ``column_chunk=c``: exact intermediate bounds holding at most c forward columns at once
@@ -74,7 +61,8 @@ class DualBounder(Bounder):
             raise ValueError("devices must be a non-empty list of devices, used with column_chunk")
         if check_proj(proj) is not None and column_chunk is not None:
             raise ValueError("proj (estimated bounds) and column_chunk (exact bounds) exclude each other")
-        self.alpha, self.device, self.max_memory = alpha, device, max_memory
+        super().__init__(device=device)
+        self.alpha, self.max_memory = alpha, max_memory
         self.strategy, self.steps, self.lr = strategy, steps, lr
         self.proj, self.seed, self.column_chunk, self.devices = proj, seed, column_chunk, devices
 
@@ -87,9 +75,6 @@ class DualBounder(Bounder):
         return max(1, min(batch, int(self.max_memory // max(per_example, 1))))
 
     def _bound(self, network, region, C):
-        out_device = region.x.device
-        device = out_device if self.device is None else torch.device(self.device)
-        network, region, C = network.to(device), region.to(device), C.to(device)
         generator = None if self.proj is None or self.seed is None else torch.Generator().manual_seed(self.seed)
         step = self.chunk_size(network, region.batch_size)
         lowers, uppers, layers, estimated = [], [], [], False
@@ -113,12 +98,12 @@ class DualBounder(Bounder):
             lowers.append(lo.detach())
             uppers.append(up.detach())
             layers.append(bounds)
-        intermediate = [tuple(torch.cat([ch[j][k] for ch in layers]).to(out_device) for k in range(2))
+        intermediate = [tuple(torch.cat([ch[j][k] for ch in layers]) for k in range(2))
                         for j in range(network.n_relu_layers)]
         method = "dual" if self.alpha == "fixed" else "dual-optimized"
         result = EstimatedBounds if estimated else Bounds
-        return result(torch.cat(lowers).to(out_device), torch.cat(uppers).to(out_device), intermediate,
+        return result(torch.cat(lowers), torch.cat(uppers), intermediate,
                       ["ok"] * region.batch_size, method=method + (f"-proj{self.proj}" if estimated else ""))
 
 
-__all__ = ["DualBounder", "EstimatedBounds"]
+__all__ = ["DualBounder"]
