@@ -365,3 +365,20 @@ class CvxpyAdapter(SolverAdapter):
             return self.problem.status
         except self.cp.SolverError:
             return "solver_error"
+
+
+class Budget:
+    """Seconds left of a per-example time limit (None: no limit), shared by that example's solves."""
+
+    def __init__(self, seconds=None):
+        import time
+        self._clock = time.perf_counter
+        self.deadline = None if seconds is None else self._clock() + float(seconds)
+
+    def remaining(self):
+        """Seconds left (≥ 0), or None without a limit."""
+        return None if self.deadline is None else max(0.0, self.deadline - self._clock())
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and self._clock() >= self.deadline
