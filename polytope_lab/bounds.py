@@ -165,7 +165,7 @@ class Bounder:
         super().__init_subclass__(**kwargs)
         if not getattr(cls.__init__, "checks_options", False):
             cls.__init__ = check_options(cls, cls.__init__)
-        if cls.name:
+        if cls.__dict__.get("name"):  # a subclass that does not name itself is not registered
             Bounder.registry[cls.name] = cls
 
     @classmethod
@@ -238,6 +238,9 @@ class Bounder:
         """
         network, region = self.prepare(model, region)
         y = certified_labels(network, region, y)
+        if region.batch_size == 0:
+            x = region.x
+            return Certification([], x.new_zeros(0), x.clone(), x.new_zeros(0), y, [], method=self.name)
         start = time.perf_counter()
         b = self.bound(network, region, margin_matrix(y, network.output_size))
         point = region.project(region.x)

@@ -9,7 +9,6 @@ import polytope_lab as pl
 
 from conftest import make_mlp, random_inputs
 
-pytestmark = pytest.mark.usefixtures("skip_unsupported_regions")
 
 DUAL_CONFIGS = {
     "dual-auto": dict(),

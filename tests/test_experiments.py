@@ -5,14 +5,13 @@ POLYTOPE_LAB_DATA (directory holding mnist/) and POLYTOPE_LAB_MODELS (directory 
 wong_kolter_mnist_eps0.1.pth) are set, and are skipped otherwise.
 """
 import json
-import os
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 import polytope_lab as pl
+from conftest import pretrained_path, real_mnist_dir
 from experiments import benchmark, demo
 from polytope_lab import data, models
 
@@ -21,13 +20,7 @@ DEMO_COLUMNS = ["model", "method", "eps", "images", "mean lower margin", "certif
 
 
 def real_inputs():
-    data_dir, models_dir = os.environ.get("POLYTOPE_LAB_DATA"), os.environ.get("POLYTOPE_LAB_MODELS")
-    if not data_dir or not models_dir:
-        pytest.skip("POLYTOPE_LAB_DATA and POLYTOPE_LAB_MODELS must be set (real MNIST data and weights)")
-    model = Path(models_dir) / PRETRAINED
-    if not model.is_file():
-        pytest.fail(f"POLYTOPE_LAB_MODELS is set but {model} does not exist")
-    return data_dir, str(model)
+    return str(real_mnist_dir().parent), str(pretrained_path())
 
 
 @pytest.mark.parametrize("module", [demo, benchmark])
