@@ -56,9 +56,11 @@ def solver_slack(value, exact: bool = True, factor: float = SLACK_FACTOR) -> flo
     """How far two independent solves of the same problem may disagree at optimum ``value``:
     ``factor · tol · max(1, |value|)`` with tol the MIP integrality tolerance (``exact``, 1e-6: a binary
     may sit 1e-6 from 0/1, letting ``z ≤ u·a`` pass ``u·1e-6``) or the LP's primal feasibility tolerance
-    (1e-7). Default: 1e-5 (MILP) and 1e-6 (LP), relative to max(1, |value|)."""
+    (1e-7). Default: 1e-5 (MILP) and 1e-6 (LP), relative to max(1, |value|). ``value``: a number, or an
+    array/tensor (its largest magnitude is used)."""
     tol = SOLVER_TOLERANCE["mip_feasibility" if exact else "primal_feasibility"]
-    return factor * tol * max(1.0, float(np.max(np.abs(value))) if np.size(value) else 1.0)
+    magnitude = np.abs(np.asarray(value, dtype=np.float64))
+    return factor * tol * max(1.0, float(magnitude.max()) if magnitude.size else 1.0)
 
 
 def widen(l: np.ndarray, u: np.ndarray):

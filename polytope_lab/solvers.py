@@ -177,6 +177,8 @@ class HighsAdapter(SolverAdapter):
             out.status, out.bound = "stopped", dual
         elif ms in (S.kTimeLimit, S.kIterationLimit, S.kInterrupt, S.kSolutionLimit):
             out.status, out.bound = "time_limit", dual
+        elif ms == S.kInfeasible and stop_above is not None:  # everything pruned by the cutoff
+            out.status, out.bound = "stopped", stop_above
         elif ms == S.kInfeasible:
             out.status = "infeasible"
         if not math.isfinite(out.bound):
