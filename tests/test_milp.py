@@ -292,3 +292,10 @@ def test_float32_model():
     assert b.lower.dtype == torch.float32 and b.status == ["optimal"] * 2
     values = sampled_values(model, region, None, n=300)
     assert (values >= b.lower - 1e-5).all() and (values <= b.upper + 1e-5).all()
+
+
+def test_estimated_intermediate_bounds_are_refused():
+    model = make_mlp([3, 6, 2], seed=16)
+    region = pl.LinfBall(random_inputs((3,), batch=1, seed=17), 0.2)
+    with pytest.raises(ValueError, match="estimates"):
+        _milp(intermediate=pl.Bounder.create("dual", proj=2)).bound(model, region)
