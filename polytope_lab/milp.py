@@ -48,7 +48,7 @@ from .bounds import (Bounder, Bounds, Certification, certified_labels, check_obj
 from .network import Network
 from .regions import LinfBall
 from .relaxation import MIP_ABS_GAP, WITNESS_TOL, build, widen
-from .solvers import Budget, HighsAdapter, available_solvers, milp_adapter
+from .solvers import MILP_ADAPTERS, Budget, HighsAdapter, available_solvers, milp_adapter
 
 SOLVERS = ("HIGHS", "CBC")
 #: early stop for sign decisions: stop when the bound exceeds +this or an incumbent is below −this
@@ -209,7 +209,7 @@ class MILPBounder(Bounder):
 
     def adapter(self, system):
         """The configured solver on ``system``."""
-        return milp_adapter(self.solver)(system, threads=self.threads, rel_gap=self.rel_gap, abs_gap=self.abs_gap)
+        return MILP_ADAPTERS[self.solver](system, threads=self.threads, rel_gap=self.rel_gap, abs_gap=self.abs_gap)
 
     def exact_problem(self, network: Network, region: LinfBall, C: torch.Tensor) -> ExactProblem:
         """float64 CPU copies, the normal form's matrices, the big-M bounds and the fallback bounds of C."""
