@@ -88,10 +88,6 @@ class MILPBounds(Bounds):
     upper_status: list = field(default_factory=list)
     example_seconds: list = field(default_factory=list)
 
-    def detached(self) -> "MILPBounds":
-        super().detached()
-        return self
-
     def to(self, device) -> "MILPBounds":
         super().to(device)
         for name in ("min_value", "max_value", "argmin", "argmax"):
