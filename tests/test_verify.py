@@ -119,15 +119,17 @@ def test_minimum_adversarial_distance_edge_cases():
 
 
 @pytest.mark.slow
-def test_pretrained_mnist_first_20_settled(mnist_test, pretrained_model):
-    """ε = 0.1 ∩ [0, 1], first 20 test images: every one certified or given a verified counterexample,
-    the MILP checking every margin row itself (``trust_dual=False``), agreeing with the dual where it
-    certifies. (About a minute with HiGHS on one core.)"""
+def test_pretrained_mnist_images_settled(mnist_test, pretrained_model):
+    """ε = 0.1 ∩ [0, 1], test images 0, 1, 2, 8 and 18: every one certified or given a verified
+    counterexample, the MILP checking every margin row itself (``trust_dual=False``), agreeing with the
+    dual where it certifies. Images 8 and 18 are two of the 4 among the first 100 that the exact MILP
+    refutes (benchmark part e, HiGHS and CBC alike); the others are certified."""
     X, y = mnist_test
-    X, y = X[:20], y[:20]
+    images = [0, 1, 2, 8, 18]
+    X, y = X[images], y[images]
     region = pl.LinfBall(X, 0.1, clip=(0.0, 1.0))
     cert = pl.Bounder.create("milp").certify(pretrained_model, region, y, trust_dual=False)
-    assert set(cert.status) <= {"certified", "counterexample"}, cert.status
+    assert cert.status == ["certified"] * 3 + ["counterexample"] * 2, cert.status
     dual = pl.Bounder.create("dual").bound(pretrained_model, region, pl.margin_matrix(y, 10))
     assert cert.certified[dual.certified].all()
     for i in torch.nonzero(cert.refuted).flatten().tolist():
