@@ -18,18 +18,17 @@ from tqdm.auto import tqdm
 import polytope_lab as pl
 from polytope_lab import data, models
 
-from ._common import base_parser, to_markdown, write_table
+from .cli import ExperimentParser, to_markdown, torch_threads, write_table
 
 N_CLASSES = 10
+DEFAULTS = dict(n_images=5)
+QUICK = dict(n_images=3)
 
 
 def parse_args(argv=None):
-    parser = base_parser(__doc__.strip().splitlines()[0], default_out="figures/demo")
-    parser.add_argument("--model", default=None,
-                        help="state_dict of the paper's MNIST ConvNet; bounds it on MNIST test images too")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory holding mnist/ (default: $POLYTOPE_LAB_DATA, else ~/.cache/polytope_lab)")
-    parser.add_argument("--n-images", type=int, default=5, help="inputs to bound per model")
+    parser = ExperimentParser(__doc__.strip().splitlines()[0], out="figures/demo", defaults=DEFAULTS, quick=QUICK,
+                              model_help="state_dict of the paper's MNIST ConvNet; bounds it on MNIST test images too")
+    parser.setting("--n-images", type=int, help="inputs to bound per model")
     parser.add_argument("--eps", type=float, default=None,
                         help="L∞ radius (default: 0.02 for the random MLP, 0.1 for the MNIST ConvNet)")
     parser.add_argument("--methods", nargs="*", default=None,
@@ -69,13 +68,18 @@ def run_model(label, model, X, y, eps, methods, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args)
+
+
+def run(args):
     torch.manual_seed(args.seed)
     names = args.methods if args.methods else pl.Bounder.available()
     unknown = sorted(set(names) - set(pl.Bounder.available()))
     if unknown:
         raise SystemExit(f"unknown backend(s) {unknown}; available: {pl.Bounder.available()}")
     methods = bounders(names, args.device)
-    n = 3 if args.quick else args.n_images
+    n = args.n_images
 
     # a random MLP on random inputs in [0, 1]^20, labelled by its own predictions
     net = models.mlp([20, 50, 50, N_CLASSES]).eval()

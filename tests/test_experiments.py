@@ -4,8 +4,11 @@ The benchmark (and the demo on the pretrained ConvNet) need the real data and we
 POLYTOPE_LAB_DATA (directory holding mnist/) and POLYTOPE_LAB_MODELS (directory holding
 wong_kolter_mnist_eps0.1.pth) are set, and are skipped otherwise.
 """
+import ast
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 import polytope_lab as pl
-from experiments import benchmark, demo
+from experiments import benchmark, cli, demo, mnist_table, tightness, toy2d
 from polytope_lab import data, models
 
 PRETRAINED = "wong_kolter_mnist_eps0.1.pth"
@@ -30,14 +33,83 @@ def real_inputs():
     return data_dir, str(model)
 
 
-@pytest.mark.parametrize("module", [demo, benchmark])
+EXPERIMENTS = [demo, benchmark, mnist_table, tightness, toy2d]
+COMMON = ["--data-dir", "--model", "--threads", "--device", "--seed", "--out", "--quick"]
+
+
+@pytest.mark.parametrize("module", EXPERIMENTS, ids=lambda m: m.__name__)
 def test_help_exits_cleanly(module, capsys):
     with pytest.raises(SystemExit) as info:
         module.main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for option in ["--seed", "--device", "--out", "--quick"]:
+    for option in COMMON:
         assert option in out
+
+
+def test_one_quick_mechanism_explicit_flags_win():
+    parser = cli.ExperimentParser("t", out="o", defaults=dict(n=5, sizes=[2, 3], lr=0.1), quick=dict(n=2, sizes=[1]))
+    parser.preset("--paper", dict(n=9, lr=0.5), help="paper")
+    parser.setting("--n", type=int, help="n")
+    parser.setting("--lr", type=float, help="lr")
+    assert "(default: 5; --quick: 2; --paper: 9)" in " ".join(parser.format_help().split())
+    settings = lambda argv: parser.settings(parser.parse_args(argv))  # noqa: E731
+    assert settings([]) == {"threads": None, "seed": 0, "device": "cpu", "n": 5, "sizes": [2, 3], "lr": 0.1}
+    assert settings(["--quick"])["n"] == 2 and settings(["--quick"])["sizes"] == [1]
+    assert settings(["--quick", "--n", "7"])["n"] == 7                    # an explicit flag wins over --quick
+    assert settings(["--paper"])["n"] == 9 and settings(["--paper", "--quick"])["n"] == 2
+    assert settings(["--paper", "--quick"])["lr"] == 0.5 and settings(["--paper", "--lr", "1"])["lr"] == 1.0
+    args = parser.parse_args(["--threads", "3", "--seed", "4", "--data-dir", "d"])
+    assert (args.threads, args.seed, args.data_dir, args.out, args.quick) == (3, 4, "d", "o", False)
+    with pytest.raises(ValueError, match="DEFAULTS"):
+        parser.setting("--undeclared", type=int)
+
+
+def test_experiments_have_no_import_cycle_and_no_private_imports():
+    """Read statically (ast): the experiments' imports of each other form no cycle, and no name starting
+    with an underscore is imported from another module."""
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    graph = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert not any(a.name.startswith("_") for a in node.names), (path.name, ast.dump(node))
+                if node.level == 1:
+                    deps |= {node.module} if node.module else {a.name for a in node.names}
+                elif (node.module or "").startswith("experiments"):
+                    deps.add(node.module.split(".")[1] if "." in node.module else node.names[0].name)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("experiments.")}
+        graph[path.stem] = {d for d in deps if (root / f"{d}.py").is_file()}
+
+    def visit(node, stack):
+        assert node not in stack, f"import cycle: {' -> '.join(stack + [node])}"
+        for dep in graph[node]:
+            visit(dep, stack + [node])
+
+    for name in graph:
+        visit(name, [])
+    assert "benchmark" not in graph["benchmark_scaling"]
+
+
+def test_no_hidden_argv_entry_points():
+    """Only the experiments and measure_memory read argv, each through argparse (``main(argv=None)``)."""
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        assert "CHILD" not in text and 'argv[:1] ==' not in text, path.name
+    import experiments.benchmark_scaling as scaling
+    assert not hasattr(scaling, "main")
+
+
+def test_measure_memory_has_its_own_help():
+    out = subprocess.run([sys.executable, "-m", "experiments.measure_memory", "--help"], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    for option in ["--model", "--inputs", "--eps", "--threads", "--options"]:
+        assert option in out.stdout
 
 
 def test_demo_writes_its_table(tmp_path, capsys):
@@ -125,8 +197,10 @@ def check_exact_parts(out, table, data_dir, model_path):
     per_image = pd.read_csv(out / "milp_per_image.csv")
     assert list(per_image["image"]) == [0, 1, 2] and set(per_image["solver"]) == {"HIGHS"}
     assert set(per_image["status"]) <= {"certified", "counterexample"}
-    assert (per_image.loc[per_image["status"] == "certified", "lower"] > 0).all()
-    assert (per_image.loc[per_image["status"] == "counterexample", "witness_margin"] <= 0).all()
+    assert (per_image.loc[per_image["status"] == "certified", "margin"] > 0).all()
+    assert (per_image.loc[per_image["status"] == "counterexample", "counterexample_margin"] <= 0).all()
+    with cli.result_store(out, "milp_per_image") as store:                 # the resumable copy
+        assert sorted(store.keys()) == [("HIGHS", i) for i in range(3)]
     X, y = data.mnist("test", root=data_dir)
     net = models.load_state(models.mnist_convnet(), model_path)
     dual = pl.Bounder.create("dual").bound(net, pl.LinfBall(X[:3], 0.1, clip=(0, 1)), pl.margin_matrix(y[:3], 10))
