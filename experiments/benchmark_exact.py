@@ -70,14 +70,14 @@ def part_e(model, X, y, eps, args):
     store = result_store(args.out, "milp_per_image")
     if not args.resume:
         store.clear()
-    labels, rows = list(args.milp_solvers), []
+    labels, verdicts = list(args.milp_solvers), []
     for solver in args.milp_solvers:
-        rows += milp_per_image(model, X, y, eps, solver, args, store)
+        verdicts += milp_per_image(model, X, y, eps, solver, args, store)
     if args.milp_every_margin:
-        rows += milp_per_image(model, X, y, eps, args.milp_solvers[0], args, store, trust_dual=False)
+        verdicts += milp_per_image(model, X, y, eps, args.milp_solvers[0], args, store, trust_dual=False)
         labels.append(f"{args.milp_solvers[0]}, every margin")
     store.close()
-    table = pd.DataFrame(rows, columns=PER_IMAGE)
+    table = pd.DataFrame(verdicts, columns=PER_IMAGE)
     table.to_csv(Path(args.out) / "milp_per_image.csv", index=False)
     with torch.no_grad():
         dual = pl.Bounder.create("dual").bound(model, pl.LinfBall(X, eps, clip=CLIP), pl.margin_matrix(y, 10))
