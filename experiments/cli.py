@@ -36,6 +36,13 @@ def _show(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, except where it is None (its help says what happens then)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class ExperimentParser(argparse.ArgumentParser):
     """The parser base of every experiment (module docstring): common options, settings, quick mode.
 
@@ -46,7 +53,7 @@ class ExperimentParser(argparse.ArgumentParser):
 
     def __init__(self, description: str, out: str, defaults: dict | None = None, quick: dict | None = None,
                  model_help: str = "state_dict of the paper's MNIST ConvNet (.pth)", **kwargs):
-        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(description=description, formatter_class=_Formatter, **kwargs)
         self.defaults_, self.quick_, self.presets_ = {}, {}, []
         self.add_settings({"threads": None, "seed": 0, "device": "cpu", **(defaults or {})}, quick or {})
         self.add_argument("--data-dir", default=None, help=DATA_HELP)
