@@ -3,7 +3,8 @@ on the paper's pretrained MNIST ConvNet at ε = 0.1 (L∞ ball, not clipped to [
 
     python -m experiments.benchmark --model ../shared/models/wong_kolter_mnist_eps0.1.pth --data-dir ../shared/data
 
-Parts, all measured in one run and written to ``<out>/results.csv``, ``.md`` and ``.json``:
+Parts, all measured in one run and written to ``<out>/results.csv``, ``.md`` and ``.json`` (and the rows to the
+result store ``<out>/results.sqlite``, table ``benchmark``):
   a. dual bounds (objective rows e_y − e_j, under torch.no_grad) on the first N test images: ms/image for
      both implementations, their ratio, the largest relative difference of the bounds, robust errors;
   b. ``robust_loss`` forward + backward, ms/image, and the difference of the loss values;
@@ -35,7 +36,8 @@ from polytope_lab import data, models
 from polytope_lab.evaluation import robust_errors
 
 from . import benchmark_exact, benchmark_scaling, benchmark_skip
-from .cli import ExperimentParser, command, machine_load, time_interleaved, to_markdown, torch_threads, write_table
+from .cli import (ExperimentParser, command, machine_load, record_rows, time_interleaved, to_markdown, torch_threads,
+                  write_table)
 
 EPS = 0.1
 N_CLASSES = 10
@@ -365,6 +367,7 @@ def run(args, argv):
         "load_at_start": load_start, "load_at_end": load_end,
     }
     paths = write_table(df, args.out, "results", meta=meta, json_too=True)
+    record_rows(args.out, "benchmark", df.to_dict("records"), key=["part", "quantity"])
     print(to_markdown(df))
     busiest = max(load_start["loadavg_1min"], load_end["loadavg_1min"])
     if busiest > args.threads + 0.5:

@@ -134,6 +134,14 @@ def result_store(out, table: str) -> ResultStore:
     return ResultStore(Path(out) / STORE_FILE, table)
 
 
+def record_rows(out, table: str, rows, key: list) -> None:
+    """Put a finished table's rows (dicts) into the result store, each under its values of ``key``: every
+    experiment's results in one machine-readable place (the tables that resume are written row by row)."""
+    with result_store(out, table) as store:
+        for row in rows:
+            store.put(tuple(row[k] for k in key), dict(row))
+
+
 def command(module: str, argv) -> str:
     """The command line that ran ``module`` (for the metadata of the outputs)."""
     return f"python -m experiments.{module} " + " ".join(sys.argv[1:] if argv is None else argv)

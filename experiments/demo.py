@@ -4,7 +4,8 @@
     python -m experiments.demo --model ../shared/models/wong_kolter_mnist_eps0.1.pth --data-dir ../shared/data
 
 Prints a table (model, method, mean lower margin, certified count, seconds) and writes it as
-``demo.csv`` and ``demo.md`` to ``--out``. An image is certified when every lower bound of
+``demo.csv`` and ``demo.md`` to ``--out`` (and its rows to the result store ``results.sqlite``, table
+``demo``). An image is certified when every lower bound of
 ``f_y − f_j`` (j ≠ y) is positive; the margin column is the mean over images of the smallest one.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 import polytope_lab as pl
 from polytope_lab import data, models
 
-from .cli import ExperimentParser, to_markdown, torch_threads, write_table
+from .cli import ExperimentParser, record_rows, to_markdown, torch_threads, write_table
 
 N_CLASSES = 10
 DEFAULTS = dict(n_images=5)
@@ -96,6 +97,7 @@ def run(args):
 
     df = pd.DataFrame(rows)
     paths = write_table(df, args.out, "demo")
+    record_rows(args.out, "demo", rows, key=["model", "method"])
     print(to_markdown(df))
     print("wrote " + ", ".join(str(p) for p in paths))
     return df

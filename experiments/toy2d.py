@@ -15,7 +15,8 @@
    ≈10–15% robust error after 1000–3000 steps.
 3. Training curves and the polytope of one training point after robust training (Fig. 6).
 
-Writes PNGs, CSV/Markdown/JSON tables and ``toy2d.json`` (settings, seconds, every number) to ``--out``.
+Writes PNGs, CSV/Markdown/JSON tables and ``toy2d.json`` (settings, seconds, every number) to ``--out``,
+and the table rows to its result store (``results.sqlite``, tables ``polytopes`` and ``classifiers``).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import polytope_lab as pl
 from polytope_lab import data, evaluation, models, polytopes, training
 
 from . import toy2d_plots as plots
-from .cli import ExperimentParser, machine_load, to_markdown, torch_threads, write_table
+from .cli import ExperimentParser, machine_load, record_rows, to_markdown, torch_threads, write_table
 
 DEFAULTS = dict(sizes=[2, 100, 100, 100, 100, 2], eps=[0.05, 0.1, 0.25], nets=3, grid=250, resolution=400,
                 directions=32, milp_directions=4, milp_time_limit=0.5, points=50, min_distance=0.08,
@@ -262,6 +263,7 @@ def run(args, cfg):
     t = lap("polytopes", t)
     meta = {"settings": cfg, "x0": "uniform in [0, 1]^2 per network (from its seed)"}
     write_table(poly, out, "polytopes", meta=meta, json_too=True)
+    record_rows(out, "polytopes", poly.to_dict("records"), key=["eps", "net"])
     title = (f"random {'-'.join(map(str, cfg['sizes']))} networks, outer bounds from "
              f"{2 * cfg['directions']} directions")
     files = [save(plots.polytopes_figure(panels, cfg["eps"], cfg["nets"], title), out / "polytopes.png"),
@@ -270,6 +272,7 @@ def run(args, cfg):
 
     X, y, clf, logs, trained = classifier_part(cfg, args.device)
     write_table(clf, out, "classifiers", meta=meta, json_too=True)
+    record_rows(out, "classifiers", clf.to_dict("records"), key=["training"])
     log = pd.concat(logs.values(), ignore_index=True)
     log.to_csv(out / "training_log.csv", index=False)
     clf_panels = []

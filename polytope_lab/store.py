@@ -5,8 +5,9 @@
         store.put(("HIGHS", 7), {"status": "certified", "seconds": 1.2})
     store.frame()                                  # pandas DataFrame of the records, in insertion order
 
-A key is a string or a tuple of JSON scalars (str, int, float, bool, None); a record is any
-JSON-serialisable value (NaN and ±inf allowed). Every ``put`` commits (WAL journal, so readers never block
+A key is a string or a tuple of JSON scalars (str, int, float, bool, None; numpy and torch scalars are
+converted); a record is any
+JSON-serialisable value (NaN and ±inf allowed; numpy and torch scalars and arrays become numbers and lists). Every ``put`` commits (WAL journal, so readers never block
 and a crash loses at most the write in flight); reopening the same path and table resumes where the last
 run stopped. Several tables (one per experiment or part) share one file; several connections, in one
 process or many, may read and write the same table (writes wait up to ``timeout`` seconds for the lock).
@@ -26,10 +27,18 @@ _SCALARS = (str, int, float, bool, type(None))
 
 def _encode_key(key) -> str:
     parts = list(key) if isinstance(key, (tuple, list)) else [key]
+    parts = [p.item() if hasattr(p, "item") and not isinstance(p, _SCALARS) else p for p in parts]  # numpy, torch
     for part in parts:
         if not isinstance(part, _SCALARS) or (isinstance(part, float) and not math.isfinite(part)):
             raise TypeError(f"key parts must be str, int, finite float, bool or None; got {part!r} in {key!r}")
     return json.dumps(parts, separators=(",", ":"))
+
+
+def _plain(obj):
+    """json's fallback: numpy and torch scalars and arrays as Python numbers and lists."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"a record must be JSON-serialisable; got {type(obj).__name__}")
 
 
 def _decode_key(text: str):
@@ -59,7 +68,7 @@ class ResultStore:
     # -- writing ---------------------------------------------------------------------------------
     def put(self, key, record) -> None:
         """Store ``record`` under ``key`` (replacing an earlier one, which keeps its place); committed."""
-        text = json.dumps(record, allow_nan=True)
+        text = json.dumps(record, allow_nan=True, default=_plain)
         with self._db:
             self._db.execute(f'INSERT INTO "{self.table}" (key, record) VALUES (?, ?) '
                              "ON CONFLICT(key) DO UPDATE SET record = excluded.record", (_encode_key(key), text))

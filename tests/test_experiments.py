@@ -127,6 +127,9 @@ def test_demo_writes_its_table(tmp_path, capsys):
         assert by_method.loc["dual", "mean lower margin"] >= by_method.loc["interval", "mean lower margin"]
     assert by_method.loc["dual-optimized", "mean lower margin"] >= by_method.loc["dual", "mean lower margin"] - 1e-5
     assert "method" in capsys.readouterr().out.splitlines()[0]
+    with cli.result_store(tmp_path, "demo") as store:                   # the same rows in the result store
+        stored = store.frame(DEMO_COLUMNS)
+    assert len(stored) == len(table) and list(stored["method"]) == list(table["method"])
 
 
 def test_demo_rejects_unknown_backend(tmp_path):
@@ -173,6 +176,8 @@ def test_benchmark_quick(tmp_path):
     assert list(table.columns)[:len(benchmark.COLUMNS)] == benchmark.COLUMNS
     assert len(table) == len(df)
     assert set(table["part"]) == set("abcdefghi")
+    with cli.result_store(tmp_path, "benchmark") as store:
+        assert len(store) == len(table) and (table["part"].iloc[0], table["quantity"].iloc[0]) in store
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["quick"] and meta["n_images"] == 20
     rows = table.set_index("quantity")

@@ -69,6 +69,16 @@ def test_two_connections_write_concurrently(tmp_path):
     assert stores[0].get((1, 49)) == {"writer": 1, "i": 49}
 
 
+def test_numpy_and_torch_values_become_plain(tmp_path):
+    import numpy as np
+    import torch
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        store.put("k", {"i": np.int64(3), "f": np.float32(0.5), "t": torch.tensor(2.0), "a": np.arange(3)})
+        assert store.get("k") == {"i": 3, "f": 0.5, "t": 2.0, "a": [0, 1, 2]}
+        store.put((np.int64(2), np.float64(0.5)), {})
+        assert (2, 0.5) in store and store.keys()[-1] == (2, 0.5)
+
+
 def test_bad_keys_records_and_tables_are_refused(tmp_path):
     store = ResultStore(tmp_path / "r.sqlite")
     with pytest.raises(TypeError):
