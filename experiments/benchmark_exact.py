@@ -96,7 +96,8 @@ def part_e(model, X, y, eps, args):
         rows += [
             {"part": "e", "quantity": f"{what}: median s/image (first {n}, ε={eps} ∩ [0,1])",
              "polytope_lab": statistics.median(secs), "note": "target ≤ 3.5 s; " + MIPVERIFY},
-            {"part": "e", "quantity": f"{what}: 90th percentile s/image", "polytope_lab": float(np.percentile(secs, 90)),
+            {"part": "e", "quantity": f"{what}: 90th percentile s/image",
+             "polytope_lab": float(np.percentile(secs, 90)),
              "note": f"mean {statistics.fmean(secs):.3g} s, max {max(secs):.3g} s"},
             {"part": "e", "quantity": f"{what}: median s/image on the images the dual bound leaves open",
              "polytope_lab": statistics.median(hard) if hard else float("nan"),

@@ -74,7 +74,8 @@ PAPER = dict(train_size=60_000, epochs=20, warmup_epochs=0, proj=0, pgd_train_st
 
 def parse_args(argv=None):
     parser = ExperimentParser(__doc__.strip().splitlines()[0], out="figures/mnist_table", defaults=DEFAULTS,
-                              quick=QUICK, model_help="a state_dict of the paper's ConvNet to evaluate: short for --checkpoint "
+                              quick=QUICK,
+                              model_help="a state_dict of the paper's ConvNet to evaluate: short for --checkpoint "
                                          "<file stem>=PATH")
     parser.preset("--paper", PAPER, help="the paper's training: all 60,000 images, 20 epochs, no warm-up, exact "
                                          "robust training, 40-step PGD training (GPU recommended)")
@@ -92,7 +93,8 @@ def parse_args(argv=None):
     parser.setting("--batch-size", type=int, help="training batch size")
     parser.setting("--lr", type=float, help="Adam learning rate")
     parser.setting("--pgd-train-steps", type=int, help="PGD training: attack steps of 2.5·ε/steps")
-    parser.setting("--proj", type=int, help="robust training: random projections for the intermediate bounds (0: exact)")
+    parser.setting("--proj", type=int,
+                   help="robust training: random projections for the intermediate bounds (0: exact)")
     parser.setting("--test-size", type=int, help="first N test images")
     parser.setting("--eval-batch", type=int, help="images per bound batch")
     parser.setting("--attack-batch", type=int, help="images per FGSM / PGD batch")
@@ -101,7 +103,8 @@ def parse_args(argv=None):
     parser.setting("--milp-samples", type=int, help="first N test images for the MILP")
     parser.add_argument("--milp-every-image", action="store_true",
                         help="run the MILP also on images PGD already breaks (a soundness cross-check; slower)")
-    parser.setting("--milp-time-limit", type=float, help="seconds per MILP solve (one margin; an image solves at most 9)")
+    parser.setting("--milp-time-limit", type=float,
+                   help="seconds per MILP solve (one margin; an image solves at most 9)")
     args = parser.parse_args(argv)
     names = [] if args.models.strip().lower() in ("", "none") else [m.strip() for m in args.models.split(",")]
     unknown = [m for m in names if m not in MODES]

@@ -96,7 +96,8 @@ def parse_args(argv=None):
     parser.add_argument("--milp-mode", choices=["certify", "bound"], default="certify",
                         help="part B: MILP sign decisions only (fast), or exact margins")
     parser.setting("--milp-time-limit", type=float, help="seconds per MILP solve")
-    parser.setting("--lp-time-limit", type=float, help="seconds per LP solve; a row that hits it keeps the dual's bound")
+    parser.setting("--lp-time-limit", type=float,
+                   help="seconds per LP solve; a row that hits it keeps the dual's bound")
     parser.setting("--budget", type=float,
                    help="part B: seconds per (network, ε, method) before its remaining images are skipped")
     parser.setting("--mlp-epochs", type=int, help="epochs of provable training of the MLP")

@@ -100,7 +100,8 @@ def certify_each(bounder, model, X, y, eps, clip=None, store=None, prefix=(), kn
             start = time.perf_counter()
             cert = bounder.certify(model, LinfBall(X[i:i + 1], eps, clip=clip), y[i:i + 1], **certify_options)
             record.update({"status": cert.status[0], "seconds": time.perf_counter() - start,
-                           "margin": float(cert.margin[0]), "counterexample_margin": float(cert.counterexample_margin[0])})
+                           "margin": float(cert.margin[0]),
+                           "counterexample_margin": float(cert.counterexample_margin[0])})
         if store is not None:
             store.put(key, record)
         records.append(record)

@@ -105,4 +105,5 @@ def load_state(model: nn.Module, path) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["mnist_convnet", "mlp", "random_mlp", "random_network", "Dense", "DenseSequential", "residual_mlp", "load_state"]
+__all__ = ["mnist_convnet", "mlp", "random_mlp", "random_network", "Dense", "DenseSequential", "residual_mlp",
+           "load_state"]

@@ -6,12 +6,12 @@
     store.frame()                                  # pandas DataFrame of the records, in insertion order
 
 A key is a string or a tuple of JSON scalars (str, int, float, bool, None; numpy and torch scalars are
-converted); a record is any
-JSON-serialisable value (NaN and ±inf allowed; numpy and torch scalars and arrays become numbers and lists). Every ``put`` commits (WAL journal, so readers never block
-and a crash loses at most the write in flight); reopening the same path and table resumes where the last
-run stopped. Several tables (one per experiment or part) share one file; several connections, in one
-process or many, may read and write the same table (writes wait up to ``timeout`` seconds for the lock).
-The library writes only at the path its caller passes.
+converted); a record is any JSON-serialisable value (NaN and ±inf allowed; numpy and torch scalars and
+arrays become numbers and lists). Every ``put`` commits (WAL journal: readers never block, and a crash
+loses at most the write in flight); reopening the same path and table resumes where the last run stopped.
+Several tables (one per experiment or part) share one file; several connections, in one process or many,
+may read and write the same table (writes wait up to ``timeout`` seconds for the lock). The library
+writes only at the path its caller passes.
 """
 from __future__ import annotations
 
