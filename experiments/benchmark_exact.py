@@ -43,7 +43,8 @@ def add_arguments(parser):
     parser.setting("--milp-images", type=int, help="part e: first N test images")
     parser.setting("--milp-solvers", nargs="+", help="part e: MILP solvers")
     parser.setting("--milp-time-limit", type=float,
-                   help="part e: seconds per MILP solve; an image is settled when certified or refuted")
+                   help="part e: MILP seconds per image (all its margins together); an image is settled "
+                        "when certified or refuted")
     parser.setting("--lp-images", type=int, help="part f: test images per network")
     parser.setting("--mlp-images", type=int, help="part f: training images of the MLP trained here")
     parser.setting("--mlp-epochs", type=int, help="part f: epochs of the MLP trained here")

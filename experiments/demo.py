@@ -10,8 +10,6 @@ Prints a table (model, method, mean lower margin, certified count, seconds) and 
 """
 from __future__ import annotations
 
-import inspect
-
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -38,14 +36,13 @@ def parse_args(argv=None):
 
 
 def bounders(names, device):
-    """(label, Bounder) for every backend in ``names``, plus the dual with optimised α."""
+    """(label, Bounder) for every backend in ``names`` (every backend takes ``device``), plus the dual with
+    optimised α."""
     out = []
     for name in names:
-        cls = pl.Bounder.registry[name]
-        options = {"device": device} if "device" in inspect.signature(cls.__init__).parameters else {}
-        out.append(pl.Bounder.create(name, **options))
+        out.append(pl.Bounder.create(name, device=device))
         if name == "dual":
-            out.append(pl.Bounder.create("dual", alpha="optimized", **options))
+            out.append(pl.Bounder.create("dual", alpha="optimized", device=device))
     return out
 
 

@@ -104,7 +104,7 @@ def parse_args(argv=None):
     parser.add_argument("--milp-every-image", action="store_true",
                         help="run the MILP also on images PGD already breaks (a soundness cross-check; slower)")
     parser.setting("--milp-time-limit", type=float,
-                   help="seconds per MILP solve (one margin; an image solves at most 9)")
+                   help="MILP seconds per image (all its margins together)")
     args = parser.parse_args(argv)
     names = [] if args.models.strip().lower() in ("", "none") else [m.strip() for m in args.models.split(",")]
     unknown = [m for m in names if m not in MODES]
@@ -287,7 +287,7 @@ def notes(args, milp_ok) -> list:
         f"itself is misclassified. PGD: {PGD_EVAL} (the highest-loss iterate is kept).",
         "Bound: the dual bound (Bounder 'dual', fixed α); an image counts unless every margin e_y − e_j "
         "is certified.",
-        f"MILP: MILPBounder.certify (HiGHS, 1 thread, {args.milp_time_limit:g} s per margin solve) on the first "
+        f"MILP: MILPBounder.certify (HiGHS, 1 thread, {args.milp_time_limit:g} s per image) on the first "
         f"{args.milp_samples} images over the ball ∩ [0,1]; 'exact err' counts verified counterexamples, "
         "'upper' adds the images not settled in time; PGD and the bound are rerun there on ball ∩ [0,1]"
         + ("." if args.milp_every_image else "; an image PGD breaks there counts as a verified counterexample "
@@ -394,7 +394,7 @@ def run(args, argv):
             "training": {"train_size": args.train_size, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
                          "batch_size": args.batch_size, "lr": args.lr, "seconds_per_epoch": logs},
             "milp": {"available": milp_ok, "samples": args.milp_samples, "solver": "HIGHS, 1 thread",
-                     "time_limit_per_solve": args.milp_time_limit, "region": "ball ∩ [0, 1]", "statuses": statuses},
+                     "time_limit_per_image": args.milp_time_limit, "region": "ball ∩ [0, 1]", "statuses": statuses},
             "checks": all_checks, "published_percent_clean_fgsm_pgd_bound": PUBLISHED,
             "device": args.device, "torch": torch.__version__,
             "seconds_this_run": round(time.perf_counter() - started, 1),

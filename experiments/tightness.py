@@ -95,7 +95,7 @@ def parse_args(argv=None):
     parser.setting("--samples", type=int, help="MNIST test images per (network, ε)")
     parser.add_argument("--milp-mode", choices=["certify", "bound"], default="certify",
                         help="part B: MILP sign decisions only (fast), or exact margins")
-    parser.setting("--milp-time-limit", type=float, help="seconds per MILP solve")
+    parser.setting("--milp-time-limit", type=float, help="MILP seconds per example (all its rows together)")
     parser.setting("--lp-time-limit", type=float,
                    help="seconds per LP solve; a row that hits it keeps the dual's bound")
     parser.setting("--budget", type=float,

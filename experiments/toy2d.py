@@ -54,7 +54,7 @@ def parse_args(argv=None):
     parser.setting("--eps", type=float, nargs="+", help="radii of Fig. 4")
     parser.setting("--directions", type=int, help="support directions per bounder: rows of C, 2 half-planes each")
     parser.setting("--milp-directions", type=int, help="MILP rows, 2 support lines each")
-    parser.setting("--milp-time-limit", type=float, help="seconds per MILP solve")
+    parser.setting("--milp-time-limit", type=float, help="MILP seconds per bound call (all its rows together)")
     parser.setting("--epochs-standard", type=int, help="full-batch Adam steps, standard training")
     parser.setting("--epochs-robust", type=int, help="full-batch Adam steps, robust training")
     parser.setting("--lr", type=float, help="Adam learning rate")

@@ -1,13 +1,14 @@
 """polytope_lab: provable output bounds for ReLU networks (Wong & Kolter 2018) behind one Bounder interface."""
 from .attacks import fgsm, pgd, pgd_minimize
-from .bounds import Bounder, Bounds, margin_matrix
+from .bounds import Bounder, Bounds, Certification, margin_matrix
 from .checks import cross_check
 from .data import toy_points
-from .chunked import column_chunked_bounds
-from .dual import DualBounder, EstimatedBounds, dual_objective, intermediate_bounds
+from .dual.chunked import column_chunked_bounds
+from .bounds import EstimatedBounds
+from .dual import DualBounder, dual_objective, intermediate_bounds
 from .interval import IntervalBounder, interval_bounds
-from .milp import (AdversarialDistance, Certification, MILPBounder, MILPBounds, certified_radius,
-                   minimum_adversarial_distance)
+from .milp import MILPBounder, MILPBounds
+from .verify import AdversarialDistance, certified_radius, minimum_adversarial_distance
 from .lp import LPBounder
 from .convert import Builder, Expression, from_torch, register_layer, supported_layers, unregister_layer
 from .network import Network

@@ -55,20 +55,34 @@ def _ascend(model, region, objective, steps, step_size, restarts, random_start, 
     return best_x, best_v
 
 
-def pgd(model, X, y, eps, steps=40, step_size=None, restarts=1, random_start=True, clip=None, norm="linf",
-        targeted=None, seed=None):
-    """Projected gradient attack on the cross-entropy; returns ``(X_adv, success)``.
-
-    ``norm`` "linf" (sign steps, ``LinfBall(X, eps, clip)``) or "l2" (normalised steps, ``L2Ball``);
-    ``step_size`` defaults to 2.5·eps/steps; ``targeted``: labels to reach (the loss towards them is
-    minimised) instead of leaving ``y``. ``success[b]``: the attacked prediction differs from ``y[b]``
-    (untargeted) or equals ``targeted[b]``. The best point over steps and restarts is returned.
-    """
+def attack_region(X, eps, clip=None, norm="linf") -> Region:
+    """The region an attack searches: ``X`` itself if it is a Region (then ``eps``, ``clip`` and ``norm``
+    must be left unset), else ``LinfBall(X, eps, clip)`` or ``L2Ball(X, eps)``."""
+    if isinstance(X, Region):
+        if eps is not None or clip is not None or norm != "linf":
+            raise ValueError("pass either a Region or X with eps (and clip/norm), not both: the region already "
+                             f"fixes them ({X!r})")
+        return X
+    if eps is None:
+        raise ValueError("eps is required when X is a tensor (or pass a LinfBall/L2Ball as X)")
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if norm == "l2" and clip is not None:
         raise ValueError("clip is only supported with norm='linf'")
-    region = LinfBall(X, eps, clip=clip) if norm == "linf" else L2Ball(X, eps)
+    return LinfBall(X, eps, clip=clip) if norm == "linf" else L2Ball(X, eps)
+
+
+def pgd(model, X, y, eps=None, steps=40, step_size=None, restarts=1, random_start=True, clip=None, norm="linf",
+        targeted=None, seed=None):
+    """Projected gradient attack on the cross-entropy; returns ``(X_adv, success)``.
+
+    ``X`` with ``eps``: ``norm`` "linf" (sign steps, ``LinfBall(X, eps, clip)``) or "l2" (normalised steps,
+    ``L2Ball``); or ``X`` a Region (LinfBall, L2Ball) and no eps. ``step_size`` defaults to 2.5·eps/steps;
+    ``targeted``: labels to reach (the loss towards them is minimised) instead of leaving ``y``.
+    ``success[b]``: the attacked prediction differs from ``y[b]`` (untargeted) or equals ``targeted[b]``.
+    The best point over steps and restarts is returned.
+    """
+    region = attack_region(X, eps, clip, norm)
     y = torch.as_tensor(y, device=region.x.device).long()
     target = None if targeted is None else torch.as_tensor(targeted, device=region.x.device).long()
     generator = None if seed is None else torch.Generator(device=region.x.device).manual_seed(seed)
@@ -85,9 +99,12 @@ def pgd(model, X, y, eps, steps=40, step_size=None, restarts=1, random_start=Tru
     return x_adv, success
 
 
-def fgsm(model, X, y, eps, clip=None):
-    """Fast gradient sign method (one full step of size eps, no random start); ``(X_adv, success)``."""
-    region = LinfBall(X, eps, clip=clip)
+def fgsm(model, X, y, eps=None, clip=None):
+    """Fast gradient sign method (one full step of size eps, no random start); ``(X_adv, success)``.
+    ``X`` with ``eps`` (and ``clip``), or ``X`` a LinfBall; the sign step is an L∞ attack."""
+    region = attack_region(X, eps, clip)
+    if not isinstance(region, LinfBall):
+        raise ValueError(f"FGSM takes a sign step, an L∞ attack: use pgd(..., norm='l2') for {type(region).__name__}")
     x = region.x.clone().requires_grad_(True)
     y = torch.as_tensor(y, device=x.device).long()
     with torch.enable_grad():

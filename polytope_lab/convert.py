@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .models import Dense, DenseSequential
 from .network import (Affine, ChannelAffineOp, ComposedOp, Conv2dOp, IdentityOp, LinearOp, LinearPartOp, Network,
-                      SumOp, _numel)
+                      SumOp, numel)
 
 BUILTIN_LAYERS = ("Linear", "Conv2d (groups=1, zero padding)", "ReLU",
                   "Flatten (nn.Flatten or a module named Flatten that flattens)", "Identity",
@@ -89,12 +89,12 @@ def _is_custom_flatten(layer, shape) -> bool:
     """A parameter-free module named Flatten (as in the reference's model zoo) that flattens a probe input."""
     if layer.__class__.__name__ != "Flatten" or any(True for _ in layer.parameters()):
         return False
-    probe = torch.arange(2 * _numel(shape), dtype=torch.float32).reshape(2, *shape)
+    probe = torch.arange(2 * numel(shape), dtype=torch.float32).reshape(2, *shape)
     try:
         out = layer(probe)
     except Exception:
         return False
-    return out.shape == (2, _numel(shape)) and torch.equal(out, probe.reshape(2, -1))
+    return out.shape == (2, numel(shape)) and torch.equal(out, probe.reshape(2, -1))
 
 
 def _batchnorm_scale_shift(i, layer):
@@ -112,7 +112,7 @@ def _batchnorm_scale_shift(i, layer):
 def _layer_op(i, layer, shape):
     """(affine operator or None for a pure reshape/no-op, output shape) of a non-ReLU ``layer``."""
     if isinstance(layer, nn.Linear):
-        if _numel(shape) != layer.in_features:
+        if numel(shape) != layer.in_features:
             raise ValueError(f"{_describe(i, layer)} expects {layer.in_features} inputs but receives shape {shape}")
         return LinearOp(layer.weight, layer.bias, shape), (layer.out_features,)
     if isinstance(layer, nn.Conv2d):
@@ -126,9 +126,9 @@ def _layer_op(i, layer, shape):
     if isinstance(layer, nn.Flatten):
         if layer.start_dim != 1 or layer.end_dim != -1:
             raise _unsupported(i, layer, "only Flatten(start_dim=1, end_dim=-1)")
-        return None, (_numel(shape),)
+        return None, (numel(shape),)
     if _is_custom_flatten(layer, shape):
-        return None, (_numel(shape),)
+        return None, (numel(shape),)
     if isinstance(layer, nn.Identity) or (isinstance(layer, nn.Dropout) and not layer.training):
         return None, shape
     if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -216,7 +216,7 @@ class Builder:
 
     def affine(self, expr: Expression, op: Affine, out_shape=None) -> Expression:
         """``op`` applied to ``expr`` (``out_shape``: the result's shape, default ``op.out_shape``)."""
-        if op.in_features != _numel(expr.shape):
+        if op.in_features != numel(expr.shape):
             raise ValueError(f"an affine map on {op.in_shape} cannot take a value of shape {expr.shape}")
         terms = {}
         for n, (j, t) in enumerate(expr.terms.items()):
@@ -225,7 +225,7 @@ class Builder:
         return Expression(terms, tuple(op.out_shape if out_shape is None else out_shape))
 
     def reshape(self, expr: Expression, shape) -> Expression:
-        if _numel(shape) != _numel(expr.shape):
+        if numel(shape) != numel(expr.shape):
             raise ValueError(f"cannot reshape {expr.shape} to {tuple(shape)}")
         return Expression(expr.terms, tuple(shape))
 
@@ -298,7 +298,7 @@ class Builder:
         newest = len(self.affines)
         main = expr.terms.get(newest)
         if main is None:
-            main = LinearOp(self.ref.new_zeros(_numel(expr.shape), _numel(self.shapes[newest])).detach(), None,
+            main = LinearOp(self.ref.new_zeros(numel(expr.shape), numel(self.shapes[newest])).detach(), None,
                             self.shapes[newest])
         return main, sorted(((j, t) for j, t in expr.terms.items() if j != newest), key=lambda jt: jt[0])
 
@@ -314,10 +314,7 @@ def _fold(parts):
         prev = out[-1] if out else None
         if (isinstance(p, ChannelAffineOp) and isinstance(prev, (LinearOp, Conv2dOp)) and prev.post is None
                 and p.in_shape == prev.out_shape):
-            if isinstance(prev, LinearOp):
-                out[-1] = LinearOp(prev._w, prev._b, prev.in_shape, post=p)
-            else:
-                out[-1] = Conv2dOp(prev._w, prev._b, prev.in_shape, prev.stride, prev.padding, prev.dilation, post=p)
+            out[-1] = prev.with_post(p)
         else:
             out.append(p)
     return out[0] if len(out) == 1 else ComposedOp(out)
@@ -326,7 +323,7 @@ def _fold(parts):
 def as_network(model, input_shape) -> Network:
     """``model`` as a :class:`Network` (accepts a Network, an nn.Sequential or a DenseSequential)."""
     if isinstance(model, Network):
-        if tuple(input_shape) != model.input_shape and _numel(input_shape) != model.input_size:
+        if tuple(input_shape) != model.input_shape and numel(input_shape) != model.input_size:
             raise ValueError(f"input shape {tuple(input_shape)} does not match the network's {model.input_shape}")
         return model
     return from_torch(model, input_shape)

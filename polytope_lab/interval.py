@@ -8,8 +8,8 @@ from .network import Network
 from .regions import Region
 
 
-def interval_bounds(network: Network, region: Region):
-    """Per-layer (l, u) of every affine output (the last is f), by interval arithmetic."""
+def affine_boxes(network: Network, region: Region) -> list:
+    """(l, u) of every affine output, the last being ``f``, by interval arithmetic."""
     lo, hi = region.box()
     boxes = [((hi + lo) / 2, (hi - lo) / 2)]  # (centre, radius) of z_0, z_1, ...
     layers = []
@@ -26,13 +26,18 @@ def interval_bounds(network: Network, region: Region):
     return layers
 
 
+def interval_bounds(network: Network, region: Region) -> list:
+    """Per ReLU layer, (l, u) of its pre-activations, as ``dual.intermediate_bounds`` returns them."""
+    return affine_boxes(network, region)[:-1]
+
+
 class IntervalBounder(Bounder):
     """Interval bound propagation: the loosest, cheapest sound bound."""
 
     name = "interval"
 
     def _bound(self, network, region, C):
-        layers = interval_bounds(network, region)
+        layers = affine_boxes(network, region)
         l, u = (t.reshape(t.shape[0], -1) for t in layers[-1])
         center, radius = (u + l) / 2, (u - l) / 2
         c = torch.einsum("bmn,bn->bm", C, center)

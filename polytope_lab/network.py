@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _numel(shape) -> int:
+def numel(shape) -> int:
+    """Number of entries of a tensor of ``shape`` (1 for ``()``)."""
     return int(np.prod(shape)) if len(shape) else 1
 
 
@@ -37,11 +38,11 @@ class Affine(ABC):
 
     @property
     def in_features(self) -> int:
-        return _numel(self.in_shape)
+        return numel(self.in_shape)
 
     @property
     def out_features(self) -> int:
-        return _numel(self.out_shape)
+        return numel(self.out_shape)
 
     @abstractmethod
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,12 +103,16 @@ class LinearOp(Affine):
         self.post = post
         self.in_shape = tuple(in_shape) if in_shape is not None else (weight.shape[1],)
         self.out_shape = (weight.shape[0],)
-        if _numel(self.in_shape) != weight.shape[1]:
+        if numel(self.in_shape) != weight.shape[1]:
             raise ValueError(f"Linear layer expects {weight.shape[1]} inputs but receives shape {self.in_shape}")
 
     @property
     def weight(self) -> torch.Tensor:
         return self._w if self.post is None else self._w * self.post.scale[:, None]
+
+    def with_post(self, post) -> "LinearOp":
+        """This layer followed by the eval-BatchNorm ``post`` (a :class:`ChannelAffineOp`), folded in."""
+        return LinearOp(self._w, self._b, self.in_shape, post=post)
 
     def linear(self, x):
         return x.reshape(x.shape[0], -1) @ self.weight.t()
@@ -161,6 +166,10 @@ class Conv2dOp(Affine):
     @property
     def weight(self) -> torch.Tensor:
         return self._w if self.post is None else self._w * self.post.scale.reshape(-1, 1, 1, 1)
+
+    def with_post(self, post) -> "Conv2dOp":
+        """This layer followed by the eval-BatchNorm ``post`` (a :class:`ChannelAffineOp`), folded in."""
+        return Conv2dOp(self._w, self._b, self.in_shape, self.stride, self.padding, self.dilation, post=post)
 
     @property
     def channel_bias(self) -> torch.Tensor:
@@ -398,7 +407,7 @@ class Network:
         for i, (a, b) in enumerate(zip(self.affines, self.affines[1:])):
             if a.out_features != b.in_features:
                 raise ValueError(f"affine {i} gives {a.out_shape} but affine {i + 1} expects {b.in_shape}")
-        if self.affines[0].in_features != _numel(self.input_shape):
+        if self.affines[0].in_features != numel(self.input_shape):
             raise ValueError(f"input shape {self.input_shape} does not match first layer {self.affines[0].in_shape}")
         self.skips = {int(i): list(terms) for i, terms in (skips or {}).items() if terms}
         for i, terms in self.skips.items():
@@ -447,7 +456,7 @@ class Network:
 
     @property
     def input_size(self) -> int:
-        return _numel(self.input_shape)
+        return numel(self.input_shape)
 
     def pre_activations(self, x: torch.Tensor) -> list:
         """``[ẑ_2, ..., ẑ_k]``: every affine output, the last being ``f(x)`` of shape (B, n_out)."""

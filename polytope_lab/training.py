@@ -2,6 +2,7 @@
 standard, PGD-adversarial (Madry et al.) and provably robust training with CSV logs and resumable checkpoints."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from .attacks import pgd
 from .bounds import check_objective, margin_matrix
 from .dual import dual_objective, intermediate_bounds
-from .projections import check_proj
+from .dual.projections import check_proj
 from .convert import as_network
 from .regions import LinfBall
 
@@ -203,21 +204,7 @@ def train(model, X, y, *, mode="standard", eps=0.1, epochs=10, batch_size=50, lr
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
     epochs, batch_size, warmup_epochs, attack_steps = map(int, (epochs, batch_size, warmup_epochs, attack_steps))
-    params = list(model.parameters())
-    if not params:
-        raise ValueError("model has no parameters to train")
-    device = torch.device(device) if device is not None else params[0].device
-    model.to(device)
-    X, y = X.to(device=device, dtype=params[0].dtype), y.to(device)
-    with torch.no_grad():
-        try:
-            n_classes = model(X[:1]).reshape(1, -1).shape[1]
-        except RuntimeError as e:
-            raise ValueError(f"model cannot take inputs of shape {tuple(X.shape[1:])}: {e}") from e
-    if y.min() < 0 or y.max() >= n_classes:
-        raise ValueError(f"labels must lie in [0, {n_classes}) for a model with {n_classes} outputs, "
-                         f"got range [{y.min().item()}, {y.max().item()}]")
-
+    X, y, device = _on_model_device(model, X, y, device)
     settings = {"mode": mode, "eps": eps, "batch_size": batch_size, "lr": lr,
                 "warmup_epochs": warmup_epochs, "clip": None if clip is None else list(clip),
                 "attack_steps": attack_steps, "attack_step_size": attack_step_size, "seed": int(seed), "proj": proj,
@@ -229,28 +216,13 @@ def train(model, X, y, *, mode="standard", eps=0.1, epochs=10, batch_size=50, lr
     records, start = [], 0
     checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     if checkpoint_dir is not None and resume and (checkpoint_dir / CHECKPOINT).is_file():
-        state = torch.load(checkpoint_dir / CHECKPOINT, map_location="cpu", weights_only=True)
-        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-        if changed:
-            raise ValueError(f"checkpoint in {checkpoint_dir} was made with other settings ({', '.join(changed)}); "
-                             f"use another checkpoint_dir or resume=False")
-        if architecture is not None and state["architecture"] is not None and state["architecture"] != architecture:
-            raise ValueError(f"checkpoint in {checkpoint_dir} is for architecture {state['architecture']}, "
-                             f"not {architecture}")
-        if state["epoch"] > epochs:
-            raise ValueError(f"checkpoint in {checkpoint_dir} is at epoch {state['epoch']}, beyond epochs={epochs}")
-        try:
-            model.load_state_dict(state["state_dict"])
-        except RuntimeError as e:
-            raise ValueError(f"checkpoint in {checkpoint_dir} does not fit this model: {e}") from e
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["rng"]["generator"])
-        records, start = list(state["log"]), state["epoch"]
+        records, start = _resume(checkpoint_dir, model, optimizer, generator, settings, architecture, epochs)
     if log_path is not None:
         _write_csv(Path(log_path), records, header=True)
-
-    n = X.shape[0]
-    n_batches = -(-n // batch_size)
+    step = functools.partial(_train_batch, model, optimizer, generator, mode=mode, clip=clip,
+                             attack_steps=attack_steps, attack_step_size=attack_step_size, proj=proj,
+                             chunk_size=chunk_size)
+    n, n_batches = X.shape[0], -(-X.shape[0] // batch_size)
     bar = tqdm(total=(epochs - start) * n_batches, desc=f"train ({mode})", disable=not progress, leave=False)
     try:
         for epoch in range(start, epochs):
@@ -259,26 +231,8 @@ def train(model, X, y, *, mode="standard", eps=0.1, epochs=10, batch_size=50, lr
             order = torch.randperm(n, generator=generator).to(device)
             for b in range(n_batches):
                 idx = order[b * batch_size:(b + 1) * batch_size]
-                xb, yb = X[idx], y[idx]                                              # (b, *input_shape), (b,)
                 eps_t = eps_schedule(eps, warmup_epochs, epoch, (b + 1) / n_batches)
-                if mode == "pgd":
-                    attack_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
-                    model.eval()
-                    xb, _ = pgd(model, xb, yb, eps_t, steps=attack_steps, step_size=attack_step_size, clip=clip,
-                                seed=attack_seed)
-                model.train()
-                with torch.set_grad_enabled(mode != "robust"):   # robust: the clean loss is only logged
-                    logits = model(xb).reshape(len(xb), -1)                          # (b, n_classes)
-                    loss = objective = F.cross_entropy(logits, yb)
-                sums["loss"] += loss.item() * len(xb)
-                sums["error"] += (logits.argmax(1) != yb).float().sum().item()
-                optimizer.zero_grad()
-                if mode == "robust":
-                    value = _robust_step(model, eps_t, xb, yb, clip, proj, generator, chunk_size, sums)
-                else:
-                    objective.backward()
-                    value = objective.item()
-                optimizer.step()
+                value = step(X[idx], y[idx], eps_t, sums)
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, eps=f"{eps_t:.3g}", loss=f"{value:.3g}")
             row = {"epoch": epoch + 1, "eps": eps_schedule(eps, warmup_epochs, epoch),
@@ -297,6 +251,70 @@ def train(model, X, y, *, mode="standard", eps=0.1, epochs=10, batch_size=50, lr
         bar.close()
         model.eval()
     return pd.DataFrame(records, columns=LOG_COLUMNS)
+
+
+def _on_model_device(model, X, y, device):
+    """(X, y, device): the data on the training device in the model's dtype, checked against the model."""
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("model has no parameters to train")
+    device = torch.device(device) if device is not None else params[0].device
+    model.to(device)
+    X, y = X.to(device=device, dtype=params[0].dtype), y.to(device)
+    with torch.no_grad():
+        try:
+            n_classes = model(X[:1]).reshape(1, -1).shape[1]
+        except RuntimeError as e:
+            raise ValueError(f"model cannot take inputs of shape {tuple(X.shape[1:])}: {e}") from e
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"labels must lie in [0, {n_classes}) for a model with {n_classes} outputs, "
+                         f"got range [{y.min().item()}, {y.max().item()}]")
+    return X, y, device
+
+
+def _resume(checkpoint_dir: Path, model, optimizer, generator, settings, architecture, epochs):
+    """Load the checkpoint into model, optimizer and generator after checking it fits; (log records, epoch)."""
+    state = torch.load(checkpoint_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+    if changed:
+        raise ValueError(f"checkpoint in {checkpoint_dir} was made with other settings ({', '.join(changed)}); "
+                         f"use another checkpoint_dir or resume=False")
+    if architecture is not None and state["architecture"] is not None and state["architecture"] != architecture:
+        raise ValueError(f"checkpoint in {checkpoint_dir} is for architecture {state['architecture']}, "
+                         f"not {architecture}")
+    if state["epoch"] > epochs:
+        raise ValueError(f"checkpoint in {checkpoint_dir} is at epoch {state['epoch']}, beyond epochs={epochs}")
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint in {checkpoint_dir} does not fit this model: {e}") from e
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["rng"]["generator"])
+    return list(state["log"]), state["epoch"]
+
+
+def _train_batch(model, optimizer, generator, xb, yb, eps_t, sums, *, mode, clip, attack_steps, attack_step_size,
+                 proj, chunk_size) -> float:
+    """One optimizer step on the batch ``(xb, yb)`` at ε_t; adds the logged sums and returns the batch's loss."""
+    if mode == "pgd":
+        attack_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        model.eval()
+        xb, _ = pgd(model, xb, yb, eps_t, steps=attack_steps, step_size=attack_step_size, clip=clip,
+                    seed=attack_seed)
+    model.train()
+    with torch.set_grad_enabled(mode != "robust"):   # robust: the clean loss is only logged
+        logits = model(xb).reshape(len(xb), -1)                          # (b, n_classes)
+        loss = objective = F.cross_entropy(logits, yb)
+    sums["loss"] += loss.item() * len(xb)
+    sums["error"] += (logits.argmax(1) != yb).float().sum().item()
+    optimizer.zero_grad()
+    if mode == "robust":
+        value = _robust_step(model, eps_t, xb, yb, clip, proj, generator, chunk_size, sums)
+    else:
+        objective.backward()
+        value = objective.item()
+    optimizer.step()
+    return value
 
 
 __all__ = ["robust_loss", "margin_matrix", "train", "eps_schedule", "MODES", "LOG_COLUMNS"]

@@ -4,8 +4,9 @@
 * ``bounder_factories``: every registered backend (``Bounder.available()``) with its option variants, so a
   backend that registers itself later (``lp``, ``milp``) joins the contract suite automatically;
 * samplers and a small PGD attack over a region, used to check that bounds are sound;
-* the real MNIST test set and the pretrained Wong–Kolter model (skipped when the environment variables
-  ``POLYTOPE_LAB_DATA`` / ``POLYTOPE_LAB_MODELS`` are unset).
+* the real MNIST test set and the pretrained Wong–Kolter model (skipped with a reason when
+  ``POLYTOPE_LAB_DATA`` / ``POLYTOPE_LAB_MODELS`` are unset or point nowhere; failed instead when
+  ``POLYTOPE_LAB_REQUIRE_DATA=1``, as in CI).
 """
 from __future__ import annotations
 
@@ -72,19 +73,18 @@ BOUNDER_VARIANTS = {
 }
 
 
-@pytest.fixture
-def skip_unsupported_regions(monkeypatch):
-    """For the generic suites: a backend asked to bound over a region type it declares unsupported
-    (``Bounder.supported_regions``, e.g. the MILP and L2 balls) skips the test instead of failing; the
-    backend's own tests check that it raises a clear error there."""
-    original = pl.Bounder.bound
+#: backends whose values are a solver's optimum, correct to the solver's tolerances (HiGHS: primal and dual
+#: feasibility 1e-7, MIP feasibility 1e-6, documented defaults): two independent solves of one problem, or
+#: of its negation, agree to a few times 1e-6 · max(1, |value|), not to float64 rounding: we allow 10× the MIP
+#: feasibility tolerance
+SOLVER_BACKENDS = ("lp", "milp")
+SOLVER_AGREEMENT = {"rtol": 1e-5, "atol": 1e-5}
+EXACT_ARITHMETIC_AGREEMENT = {"rtol": 1e-6, "atol": 1e-7}
 
-    def bound(self, model, region, C=None):
-        if isinstance(region, pl.Region) and not self.supports(region):
-            pytest.skip(f"{self.name} does not support {type(region).__name__}")
-        return original(self, model, region, C)
 
-    monkeypatch.setattr(pl.Bounder, "bound", bound)
+def agreement(bounder) -> dict:
+    """``assert_close`` tolerances for two independent computations of the same bound by ``bounder``."""
+    return SOLVER_AGREEMENT if bounder.name in SOLVER_BACKENDS else EXACT_ARITHMETIC_AGREEMENT
 
 
 def _bounder_factories():
@@ -313,22 +313,42 @@ def read_idx(path) -> np.ndarray:
     return arr.reshape(dims)
 
 
-def _env_dir(var, what):
+#: POLYTOPE_LAB_REQUIRE_DATA=1 (CI's strict mode): a missing data file fails the test instead of skipping it
+STRICT_DATA = os.environ.get("POLYTOPE_LAB_REQUIRE_DATA") == "1"
+
+
+def real_path(var: str, *parts: str, what: str) -> Path:
+    """``$var/parts…``, the real data or weights a test needs; skipped with a one-line reason when the variable
+    is unset or the path is missing (a fresh clone without ``../shared``), failed instead in strict mode."""
     root = os.environ.get(var)
-    if not root:
-        pytest.skip(f"{var} is not set: point it at the directory holding {what}")
-    return Path(root)
+    path = Path(root, *parts) if root else None
+    if path is not None and path.exists():
+        return path
+    reason = (f"{var} is not set: point it at the directory holding {what}" if path is None
+              else f"{path} does not exist ({var} should hold {what})")
+    if STRICT_DATA:
+        pytest.fail(f"POLYTOPE_LAB_REQUIRE_DATA=1 and {reason}")
+    pytest.skip(reason)
+
+
+def real_mnist_dir() -> Path:
+    """``$POLYTOPE_LAB_DATA/mnist`` with the four MNIST IDX files (skip or strict-mode failure otherwise)."""
+    d = real_path("POLYTOPE_LAB_DATA", "mnist", what="mnist/ (the four MNIST IDX .gz files)")
+    for name in MNIST_FILES.values():
+        real_path("POLYTOPE_LAB_DATA", "mnist", name, what="mnist/ (the four MNIST IDX .gz files)")
+    return d
+
+
+def pretrained_path() -> Path:
+    """``$POLYTOPE_LAB_MODELS/wong_kolter_mnist_eps0.1.pth`` (skip or strict-mode failure otherwise)."""
+    return real_path("POLYTOPE_LAB_MODELS", PRETRAINED, what=f"the seed authors' {PRETRAINED}")
 
 
 @pytest.fixture(scope="session")
 def mnist_test():
     """(X, y): the 10,000 MNIST test images as float32 (N, 1, 28, 28) in [0, 1], labels int64."""
-    d = _env_dir("POLYTOPE_LAB_DATA", "mnist/ (the four MNIST IDX .gz files)") / "mnist"
-    paths = [d / MNIST_FILES["test_images"], d / MNIST_FILES["test_labels"]]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        pytest.fail(f"POLYTOPE_LAB_DATA is set but these MNIST files are missing: {missing}")
-    images, labels = (read_idx(p) for p in paths)
+    d = real_mnist_dir()
+    images, labels = read_idx(d / MNIST_FILES["test_images"]), read_idx(d / MNIST_FILES["test_labels"])
     X = torch.from_numpy(images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     y = torch.from_numpy(labels.astype(np.int64))
     return X, y
@@ -342,9 +362,7 @@ def wong_kolter_mnist_model():
 @pytest.fixture(scope="session")
 def pretrained_model():
     """The Wong–Kolter MNIST model trained at eps = 0.1 (CPU, eval mode)."""
-    path = _env_dir("POLYTOPE_LAB_MODELS", PRETRAINED) / PRETRAINED
-    if not path.exists():
-        pytest.fail(f"POLYTOPE_LAB_MODELS is set but {path} does not exist")
+    path = pretrained_path()
     model = wong_kolter_mnist_model()
     model.load_state_dict(torch.load(path, map_location="cpu"))
     return model.eval()

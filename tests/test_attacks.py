@@ -92,3 +92,23 @@ def test_bad_attack_options(mlp):
         pl.pgd(mlp, x, y, 0.1, norm="l1")
     with pytest.raises(ValueError, match="eps"):
         pl.pgd(mlp, x, y, -0.1)
+
+
+def test_attacks_take_a_region_or_say_why_not():
+    model = make_mlp([4, 8, 3], seed=0)
+    x = random_inputs((4,), batch=5)
+    y = model(x).argmax(1)
+    region = pl.LinfBall(x, 0.3, clip=(0.0, 1.0))
+    a, sa = pl.pgd(model, region, y, seed=1)
+    b, sb = pl.pgd(model, x, y, 0.3, clip=(0.0, 1.0), seed=1)
+    torch.testing.assert_close(a, b)
+    assert torch.equal(sa, sb)
+    f_region, _ = pl.fgsm(model, region, y)
+    f_tensor, _ = pl.fgsm(model, x, y, 0.3, clip=(0.0, 1.0))
+    torch.testing.assert_close(f_region, f_tensor)
+    with pytest.raises(ValueError, match="either a Region or X with eps"):
+        pl.pgd(model, region, y, 0.3)
+    with pytest.raises(ValueError, match="eps is required"):
+        pl.pgd(model, x, y)
+    with pytest.raises(ValueError, match="FGSM takes a sign step"):
+        pl.fgsm(model, pl.L2Ball(x, 0.3), y)

@@ -9,7 +9,6 @@ import polytope_lab as pl
 
 from conftest import make_mlp, random_inputs
 
-pytestmark = pytest.mark.usefixtures("skip_unsupported_regions")
 
 DUAL_CONFIGS = {
     "dual-auto": dict(),
@@ -262,19 +261,3 @@ def test_dead_hidden_layer_gives_the_output_bias(name):
     expected = model[2].bias.detach().expand(2, 3)
     torch.testing.assert_close(b.lower, expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(b.upper, expected, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("shape", [(3, 5, 4), (1, 5, 4)])
-def test_relu_terms_equal_the_two_clamp_form(shape):
-    """``relu_terms`` (one clamp, ``[−a]₊ = [a]₊ − a``) equals ``Σ_q l_q [∓G_q]₊`` entry by entry."""
-    from polytope_lab.dual import relu_terms
-    g = torch.Generator().manual_seed(0)
-    G = torch.randn(*shape, generator=g, dtype=torch.float64)
-    lI = -torch.rand(3, shape[2], generator=g, dtype=torch.float64)
-    lo, up = relu_terms(G, lI)
-    assert lo.shape == up.shape == (3, shape[1])
-    for b in range(3):
-        Gb = G[b % shape[0]]
-        for n in range(shape[1]):
-            assert torch.isclose(lo[b, n], sum(lI[b, q] * max(-Gb[n, q], 0) for q in range(shape[2])), atol=1e-14)
-            assert torch.isclose(up[b, n], sum(lI[b, q] * max(Gb[n, q], 0) for q in range(shape[2])), atol=1e-14)

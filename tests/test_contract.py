@@ -1,7 +1,14 @@
-"""The Bounder contract, checked on every registered backend and option variant (see conftest)."""
+"""The Bounder contract, checked on every registered backend and option variant (see conftest), like
+scikit-learn's estimator checks: shapes, soundness on samples, ε monotonicity, batching, dtypes, the base
+class's checks (regions, options, statuses, detached results, device) and ``certify``.
+
+The exact backends (LP, MILP) get the small nets (``EXACT_NETS``): each of their cases is a solver run.
+Comparisons of two independent solves use ``agreement(bounder)`` (conftest): exact arithmetic for the
+dual and interval bounds, the solvers' documented tolerances for the LP and MILP."""
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -9,10 +16,8 @@ import torch.nn as nn
 
 import polytope_lab as pl
 
-from conftest import (apply_C, assert_within, bounder_factories, make_convnet, make_mlp, make_resnet, output_of,
-                      random_inputs, sampled_values)
-
-pytestmark = pytest.mark.usefixtures("skip_unsupported_regions")
+from conftest import (agreement, apply_C, assert_within, bounder_factories, make_convnet, make_mlp, make_resnet,
+                      output_of, random_inputs, sampled_values)
 
 B = 3
 
@@ -52,16 +57,42 @@ def _zoo_conv():
     return model.double().eval(), (1, 6, 6)
 
 
+def _small_conv():
+    return make_convnet((1, 4, 4), channels=(2, 2), n_out=3, seed=0), (1, 4, 4)
+
+
 NETS = {"mlp-4-8-8-3": _mlp, "conv-1x6x6": _conv, "zoo-mlp": _zoo_mlp, "zoo-conv": _zoo_conv,
-        "resnet-conv": lambda: make_resnet("conv"), "input-skip": lambda: make_resnet("input-skip")}
+        "resnet-conv": lambda: make_resnet("conv"), "input-skip": lambda: make_resnet("input-skip"),
+        "conv-1x4x4": _small_conv}
+#: the nets of the exact backends (a solver run per case) and of the others
+EXACT_NETS = ("mlp-4-8-8-3", "conv-1x4x4", "zoo-mlp", "input-skip")
+FAST_NETS = tuple(n for n in NETS if n != "conv-1x4x4")
+EXACT_BACKENDS = ("lp", "milp")
 
 
-@pytest.fixture(params=[f for _, f in bounder_factories], ids=[i for i, _ in bounder_factories])
+def nets_for(test_id: str) -> tuple:
+    return EXACT_NETS if test_id.split("-")[0] in EXACT_BACKENDS else FAST_NETS
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrise over every (bounder variant, net) case this backend runs, or over the variants alone."""
+    if "bounder" not in metafunc.fixturenames:
+        return
+    if "net" in metafunc.fixturenames:
+        cases = [(i, f, n) for i, f in bounder_factories for n in nets_for(i)]
+        metafunc.parametrize(("bounder", "net"), [(f, n) for _, f, n in cases], indirect=True,
+                             ids=[f"{i}-{n}" for i, _, n in cases])
+    else:
+        metafunc.parametrize("bounder", [f for _, f in bounder_factories], indirect=True,
+                             ids=[i for i, _ in bounder_factories])
+
+
+@pytest.fixture
 def bounder(request):
     return request.param()
 
 
-@pytest.fixture(params=list(NETS), ids=list(NETS))
+@pytest.fixture
 def net(request):
     model, shape = NETS[request.param]()
     x = random_inputs(shape, batch=B, seed=1)
@@ -77,11 +108,13 @@ def _C(m=5, n=3, seed=2, batch=None):
 def test_shapes(bounder, net):
     model, shape, x = net
     network = pl.from_torch(model, shape)
+    start = time.perf_counter()
     b = bounder.bound(model, pl.LinfBall(x, 0.05))
+    elapsed = time.perf_counter() - start
     assert isinstance(b, pl.Bounds)
     assert b.lower.shape == (B, 3) and b.upper.shape == (B, 3)
     assert len(b.status) == B
-    assert b.seconds >= 0
+    assert 0 < b.seconds <= elapsed
     assert len(b.intermediate) == network.n_relu_layers
     for (l, u), a in zip(b.intermediate, network.affines):
         assert l.shape == (B, *a.out_shape) and u.shape == (B, *a.out_shape)
@@ -157,8 +190,8 @@ def test_batch_equals_per_example(bounder, net):
     whole = bounder.bound(model, pl.LinfBall(x, eps), C=C)
     for i in range(B):
         one = bounder.bound(model, pl.LinfBall(x[i:i + 1], float(eps[i])), C=C[i:i + 1])
-        torch.testing.assert_close(whole.lower[i:i + 1], one.lower, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(whole.upper[i:i + 1], one.upper, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(whole.lower[i:i + 1], one.lower, **agreement(bounder))
+        torch.testing.assert_close(whole.upper[i:i + 1], one.upper, **agreement(bounder))
         for (l, u), (l1, u1) in zip(whole.intermediate, one.intermediate):
             torch.testing.assert_close(l[i:i + 1], l1, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(u[i:i + 1], u1, rtol=1e-6, atol=1e-7)
@@ -241,8 +274,8 @@ def test_per_example_C_rows_are_used(bounder, net):
     whole = bounder.bound(model, region, C=C)
     for i in range(B):
         one = bounder.bound(model, region, C=C[i])
-        torch.testing.assert_close(whole.lower[i], one.lower[i], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(whole.upper[i], one.upper[i], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(whole.lower[i], one.lower[i], **agreement(bounder))
+        torch.testing.assert_close(whole.upper[i], one.upper[i], **agreement(bounder))
 
 
 def test_negating_C_swaps_bounds(bounder, net):
@@ -251,8 +284,8 @@ def test_negating_C_swaps_bounds(bounder, net):
     region = pl.LinfBall(x, 0.05)
     a = bounder.bound(model, region, C=C)
     b = bounder.bound(model, region, C=-C)
-    torch.testing.assert_close(a.lower, -b.upper, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(a.upper, -b.lower, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.lower, -b.upper, **agreement(bounder))
+    torch.testing.assert_close(a.upper, -b.lower, **agreement(bounder))
 
 
 def test_bounds_hold_for_sampled_points(bounder, net):
@@ -277,8 +310,8 @@ def test_clip_box(bounder, net):
     # the clip box that contains the whole ball changes nothing
     wide = bounder.bound(model, pl.LinfBall(x, 0.1, clip=(-5.0, 5.0)), C=C)
     plain = bounder.bound(model, pl.LinfBall(x, 0.1), C=C)
-    torch.testing.assert_close(wide.lower, plain.lower, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(wide.upper, plain.upper, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(wide.lower, plain.lower, **agreement(bounder))
+    torch.testing.assert_close(wide.upper, plain.upper, **agreement(bounder))
 
 
 def test_clip_box_degenerate_is_exact(bounder, net):
@@ -296,6 +329,10 @@ def test_l2_ball(bounder, net):
     model, shape, x = net
     C = _C()
     region = pl.L2Ball(x, 0.2)
+    if not bounder.supports(region):  # the base class refuses it, naming the backend and what it takes
+        with pytest.raises(ValueError, match=f"{bounder.name}.*does not support L2Ball.*LinfBall"):
+            bounder.bound(model, region, C=C)
+        return
     b = bounder.bound(model, region, C=C)
     assert b.lower.shape == (B, 5)
     assert (b.lower <= b.upper + 1e-7).all()
@@ -319,13 +356,116 @@ def test_float32_model_and_region(bounder, net):
 
 
 def test_empty_batch(bounder):
-    """A batch of zero examples (e.g. after filtering out what is already certified) gives (0, m)
-    bounds, or at least a ValueError that says so, not an internal error."""
+    """A batch of zero examples (e.g. after filtering out what is already certified) gives (0, m) bounds
+    and no verdicts."""
     model = make_mlp([4, 6, 3], seed=0)
     region = pl.LinfBall(torch.zeros(0, 4, dtype=torch.float64), 0.1)
-    try:
-        b = bounder.bound(model, region, C=_C())
-    except ValueError as e:
-        assert "batch" in str(e) or "example" in str(e), str(e)
-        return
-    assert b.lower.shape == (0, 5) and b.upper.shape == (0, 5)
+    b = bounder.bound(model, region, C=_C())
+    assert b.lower.shape == (0, 5) and b.upper.shape == (0, 5) and b.status == []
+    assert [tuple(l.shape) for l, _ in b.intermediate] == [(0, 6)]
+    cert = bounder.certify(model, region, torch.zeros(0, dtype=torch.long))
+    assert cert.status == [] and cert.counterexample.shape == (0, 4)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# the base class's checks, the same for every backend
+# --------------------------------------------------------------------------------------------------
+
+
+def test_unknown_option_is_a_value_error_naming_it(bounder):
+    cls = type(bounder)
+    with pytest.raises(ValueError, match=r"no option\(s\) \['colour'\]; valid options: \[.*'device'"):
+        cls(colour="red")
+
+
+def test_every_backend_takes_device(bounder):
+    assert "device" in type(bounder).options()
+    model, shape = _mlp()
+    x = random_inputs(shape, batch=2, seed=1)
+    on_cpu = copy.copy(bounder)  # the same variant, asked to compute on the CPU
+    on_cpu.device = torch.device("cpu")
+    a = bounder.bound(model, pl.LinfBall(x, 0.05), C=_C())
+    b = on_cpu.bound(model, pl.LinfBall(x, 0.05), C=_C())
+    torch.testing.assert_close(a.lower, b.lower, rtol=0, atol=1e-9)
+    assert b.lower.device == x.device
+
+
+def test_results_are_detached_even_from_parameters_that_need_grad(bounder):
+    model, shape = _mlp()
+    x = random_inputs(shape, batch=2, seed=1).requires_grad_(True)
+    b = bounder.bound(model, pl.LinfBall(x, 0.05), C=_C())
+    assert any(p.requires_grad for p in model.parameters())
+    assert not b.lower.requires_grad and not b.upper.requires_grad
+    assert not any(t.requires_grad for lu in b.intermediate for t in lu)
+
+
+def test_statuses_are_in_the_vocabulary(bounder, net):
+    model, shape, x = net
+    b = bounder.bound(model, pl.LinfBall(x, 0.05), C=_C())
+    assert all(s in pl.bounds.BOUND_STATUSES or s.startswith("error: ") for s in b.status), b.status
+
+
+def test_a_backend_breaking_the_status_vocabulary_is_caught():
+    class Sloppy(pl.IntervalBounder):
+        def _bound(self, network, region, C):
+            out = super()._bound(network, region, C)
+            out.status = ["user_limit"] * len(out.status)
+            return out
+    model, shape = _mlp()
+    with pytest.raises(RuntimeError, match="user_limit"):
+        Sloppy().bound(model, pl.LinfBall(random_inputs(shape, batch=2), 0.1))
+
+
+def test_bad_region_type_is_refused_with_the_types_it_takes(bounder):
+    model, shape = _mlp()
+    with pytest.raises(ValueError, match="must be a Region"):
+        bounder.bound(model, random_inputs(shape, batch=2))
+
+
+def test_certify_verdicts_are_sound(bounder, net):
+    """A "certified" example has no sampled point of another class; a counterexample lies in the region and
+    is misclassified; y=None certifies the prediction at the centre."""
+    model, shape, x = net
+    n_out = output_of(model, x[:1]).shape[1]
+    for eps in (0.001, 0.3):
+        region = pl.LinfBall(x, eps)
+        y = output_of(model, x).argmax(1)
+        cert = bounder.certify(model, region, y)
+        assert torch.equal(cert.y, y)
+        assert len(cert.status) == B and len(cert.seconds) == B
+        assert all(s in pl.bounds.VERDICTS or s.startswith("error: ") for s in cert.status), cert.status
+        samples = sampled_values(model, region, pl.margin_matrix(y, n_out), n=200)  # (N, B, n_out - 1)
+        worst = samples.amin(dim=(0, 2))
+        for i, s in enumerate(cert.status):
+            if s == "certified":
+                assert worst[i] > 0 and cert.margin[i] > 0
+                assert cert.margin[i] <= worst[i] + 1e-6
+            if s == "counterexample":
+                point = cert.counterexample[i:i + 1]
+                assert region.select([i]).contains(point).all()
+                f = output_of(model, point)[0]
+                assert f[y[i]] <= f.max() and (f.argmax() != y[i] or cert.counterexample_margin[i] <= 0)
+            else:
+                assert torch.isnan(cert.counterexample[i]).all()
+        assert cert.certified.sum() + cert.refuted.sum() <= B
+    unlabeled = bounder.certify(model, pl.LinfBall(x, 0.001))
+    assert torch.equal(unlabeled.y, output_of(model, x).argmax(1))
+
+
+def test_certify_flags_a_misclassified_centre(bounder):
+    model, shape = _mlp()
+    x = random_inputs(shape, batch=2, seed=1)
+    wrong = (output_of(model, x).argmax(1) + 1) % 3
+    cert = bounder.certify(model, pl.LinfBall(x, 0.0), wrong)
+    assert cert.status == ["counterexample"] * 2
+    assert (cert.counterexample_margin <= 0).all()
+
+
+def test_solvers_are_silent(bounder, capfd):
+    model, shape = _mlp()
+    x = random_inputs(shape, batch=1, seed=1)
+    bounder.bound(model, pl.LinfBall(x, 0.05), C=_C())
+    bounder.certify(model, pl.LinfBall(x, 0.05))
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import real_mnist_dir
 from polytope_lab import data
 
 TEST_FILES = ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
@@ -24,16 +25,6 @@ TEST_FILES = ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 def _no_internet(monkeypatch):
     """No default mirrors: a test that finds files missing downloads only from the loopback mirrors it names."""
     monkeypatch.setenv(data.MIRRORS_ENV_VAR, "")
-
-
-def real_mnist_dir() -> Path:
-    root = os.environ.get("POLYTOPE_LAB_DATA")
-    if not root:
-        pytest.skip("POLYTOPE_LAB_DATA is not set (needs the real MNIST files)")
-    d = Path(root) / "mnist"
-    if not d.is_dir():
-        pytest.fail(f"POLYTOPE_LAB_DATA is set but {d} does not exist")
-    return d
 
 
 def copy_test_split(tmp_path, compressed=True) -> Path:

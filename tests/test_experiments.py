@@ -4,7 +4,6 @@ The benchmark (and the demo on the pretrained ConvNet) need the real data and we
 POLYTOPE_LAB_DATA (directory holding mnist/) and POLYTOPE_LAB_MODELS (directory holding
 wong_kolter_mnist_eps0.1.pth) are set, and are skipped otherwise.
 """
-import ast
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import polytope_lab as pl
+from conftest import pretrained_path, real_mnist_dir
 from experiments import benchmark, cli, demo, mnist_table, tightness, toy2d
 from polytope_lab import data, models
 
@@ -24,13 +24,7 @@ DEMO_COLUMNS = ["model", "method", "eps", "images", "mean lower margin", "certif
 
 
 def real_inputs():
-    data_dir, models_dir = os.environ.get("POLYTOPE_LAB_DATA"), os.environ.get("POLYTOPE_LAB_MODELS")
-    if not data_dir or not models_dir:
-        pytest.skip("POLYTOPE_LAB_DATA and POLYTOPE_LAB_MODELS must be set (real MNIST data and weights)")
-    model = Path(models_dir) / PRETRAINED
-    if not model.is_file():
-        pytest.fail(f"POLYTOPE_LAB_MODELS is set but {model} does not exist")
-    return data_dir, str(model)
+    return str(real_mnist_dir().parent), str(pretrained_path())
 
 
 EXPERIMENTS = [demo, benchmark, mnist_table, tightness, toy2d]
@@ -65,35 +59,6 @@ def test_one_quick_mechanism_explicit_flags_win():
         parser.setting("--undeclared", type=int)
 
 
-def test_experiments_have_no_import_cycle_and_no_private_imports():
-    """Read statically (ast): the experiments' imports of each other form no cycle, and no name starting
-    with an underscore is imported from another module."""
-    root = Path(__file__).resolve().parents[1] / "experiments"
-    graph = {}
-    for path in root.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        deps = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom):
-                assert not any(a.name.startswith("_") for a in node.names), (path.name, ast.dump(node))
-                if node.level == 1:
-                    deps |= {node.module} if node.module else {a.name for a in node.names}
-                elif (node.module or "").startswith("experiments"):
-                    deps.add(node.module.split(".")[1] if "." in node.module else node.names[0].name)
-            elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("experiments.")}
-        graph[path.stem] = {d for d in deps if (root / f"{d}.py").is_file()}
-
-    def visit(node, stack):
-        assert node not in stack, f"import cycle: {' -> '.join(stack + [node])}"
-        for dep in graph[node]:
-            visit(dep, stack + [node])
-
-    for name in graph:
-        visit(name, [])
-    assert "benchmark" not in graph["benchmark_scaling"]
-
-
 def test_no_hidden_argv_entry_points():
     """Only the experiments and measure_memory read argv, each through argparse (``main(argv=None)``)."""
     root = Path(__file__).resolve().parents[1] / "experiments"
@@ -101,7 +66,7 @@ def test_no_hidden_argv_entry_points():
         text = path.read_text()
         assert "CHILD" not in text and 'argv[:1] ==' not in text, path.name
     import experiments.benchmark_scaling as scaling
-    assert not hasattr(scaling, "main")
+    assert not hasattr(scaling, "main")          # parts g, h: `benchmark --parts gh` (no cycle: test_architecture)
 
 
 def test_measure_memory_has_its_own_help():

@@ -196,7 +196,7 @@ def test_failed_solves_fall_back_to_the_intermediate_bounder():
     dual = pl.Bounder.create("dual").bound(model, region)
     for options in ({"simplex_iteration_limit": 0}, {"time_limit": 0.0}):
         b = pl.Bounder.create("lp", solver_options=options).bound(model, region)
-        assert b.status == ["user_limit"] * 2
+        assert b.status == ["time_limit"] * 2
         assert torch.equal(b.lower, dual.lower) and torch.equal(b.upper, dual.upper)
     b = pl.Bounder.create("lp", solver="CLARABEL", solver_options={"max_iter": 1}).bound(model, region)
     assert all(s != "optimal" for s in b.status)
@@ -223,3 +223,43 @@ def test_a_failed_warm_start_is_retried_cold(monkeypatch):
     assert b.status == ["optimal"] * 2
     torch.testing.assert_close(b.lower, ref.lower, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(b.upper, ref.upper, rtol=1e-9, atol=1e-9)
+
+
+def test_time_limit_is_per_example_and_a_status():
+    """``time_limit`` seconds per example, all rows together: far too little leaves every row with the
+    intermediate bounder's bound and the status "time_limit", never an exception; enough solves all."""
+    model = make_mlp([4, 8, 8, 3], seed=3)
+    region = pl.LinfBall(random_inputs((4,), batch=2, seed=4), 0.2)
+    C = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dual = pl.Bounder.create("dual").bound(model, region, C)
+    tight = pl.Bounder.create("lp", time_limit=1e-4).bound(model, region, C)
+    assert tight.status == ["time_limit"] * 2
+    assert (tight.lower >= dual.lower).all() and (tight.upper <= dual.upper).all()
+    assert tight.seconds < 5.0
+    ample = pl.Bounder.create("lp", time_limit=60).bound(model, region, C)
+    assert ample.status == ["optimal"] * 2
+    with pytest.raises(ValueError, match="time_limit"):
+        pl.Bounder.create("lp", time_limit=0)
+
+
+@pytest.mark.parametrize("cvxpy_status,expected", [("optimal_inaccurate", "ok"), ("solver_error", "error: HIGHS status solver_error"),
+                                                   ("user_limit", "time_limit"), ("infeasible", "infeasible")])
+def test_solver_statuses_map_into_the_vocabulary_with_sound_fallbacks(monkeypatch, cvxpy_status, expected):
+    """Whatever CVXPY reports other than "optimal", the row keeps the intermediate bounder's sound bound and
+    the example's status is the contract's word for it."""
+    from polytope_lab import solvers
+
+    model = make_mlp([4, 8, 3], seed=3)
+    region = pl.LinfBall(random_inputs((4,), batch=2, seed=4), 0.2)
+    monkeypatch.setattr(solvers.CvxpyAdapter, "_run", lambda self, options: cvxpy_status)
+    b = pl.Bounder.create("lp").bound(model, region)
+    dual = pl.Bounder.create("dual").bound(model, region)
+    assert b.status == [expected] * 2
+    assert torch.equal(b.lower, dual.lower) and torch.equal(b.upper, dual.upper)
+
+
+def test_estimated_intermediate_bounds_are_refused():
+    model = make_mlp([4, 8, 8, 3], seed=3)
+    region = pl.LinfBall(random_inputs((4,), batch=1, seed=4), 0.2)
+    with pytest.raises(ValueError, match="estimates"):
+        pl.Bounder.create("lp", intermediate=pl.Bounder.create("dual", proj=2)).bound(model, region)

@@ -3,13 +3,13 @@ checked for its columns, the orderings clean ≤ FGSM ≤ PGD ≤ bound and PGD 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pandas as pd
 import pytest
 
 import polytope_lab as pl
+from conftest import real_mnist_dir
 from experiments import cli, mnist_table
 from polytope_lab import evaluation, training
 
@@ -41,9 +41,7 @@ def test_bad_options_are_refused(argv, capsys):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    data_dir = os.environ.get("POLYTOPE_LAB_DATA")
-    if not data_dir:
-        pytest.skip("POLYTOPE_LAB_DATA is not set: point it at the directory holding mnist/")
+    data_dir = str(real_mnist_dir().parent)
     out = tmp_path_factory.mktemp("mnist_table")
     argv = ["--quick", "--out", str(out), "--data-dir", data_dir]
     mnist_table.main(argv)

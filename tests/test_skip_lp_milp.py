@@ -6,7 +6,8 @@ MILP's witnesses run through the torch model (exactness), a closed form where ev
 (the network is then affine), a dense grid on a 2-d input, and the sandwich MILP ⊆ LP-ALL ⊆ LP ⊆ dual.
 The big-M / triangle bounds come from "interval" (independent of the dual) and from the default "dual".
 
-Tolerances as in test_lp.py / test_milp.py: LP optima 1e-5 (plus 1e-5 relative), MILP optima 1e-6.
+Tolerances as in test_lp.py / test_milp.py: LP optima 1e-5 (plus 1e-5 relative), MILP optima 1e-6 (HiGHS's MIP
+feasibility tolerance, relaxation.SOLVER_TOLERANCE).
 """
 from __future__ import annotations
 
@@ -289,9 +290,9 @@ def test_certify_agrees_with_pgd_and_the_exact_margin(intermediate):
     for i, s in enumerate(cert.status):
         assert (s == "certified") == bool(exact[i] > 0), (i, s, exact[i])
         if s == "certified":
-            assert pgd_min[i] > 0 and 0 < cert.lower[i] <= exact[i] + MILP_TOL
+            assert pgd_min[i] > 0 and 0 < cert.margin[i] <= exact[i] + MILP_TOL
         else:
-            w = cert.witness[i:i + 1]
+            w = cert.counterexample[i:i + 1]
             assert region.select([i]).contains(w, tol=1e-9).all()
             assert _margins(model, w, y[i:i + 1]).item() <= 0
 
@@ -319,4 +320,4 @@ def test_minimum_adversarial_distance_on_a_skip_net(kind, eps_max, intermediate)
         assert milp.certify(model, inner, y[i:i + 1]).status == ["certified"]
         above = milp.certify(model, pl.LinfBall(x[i:i + 1], 1.01 * r), y[i:i + 1])
         assert above.status == ["counterexample"]
-        assert _margins(model, above.witness, y[i:i + 1]).item() <= 0
+        assert _margins(model, above.counterexample, y[i:i + 1]).item() <= 0

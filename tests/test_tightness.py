@@ -1,12 +1,12 @@
 """experiments.tightness: the CLI, part A end to end on a small random net (the sandwich of ranges in its
 CSV, resuming, seeds), the checks' failure messages, and part B on real MNIST when POLYTOPE_LAB_DATA is set."""
-import os
 
 import pandas as pd
 import pytest
 import torch
 
 import polytope_lab as pl
+from conftest import real_mnist_dir
 from experiments import tightness
 from polytope_lab import checks
 
@@ -112,8 +112,7 @@ def test_checks_report_violations():
 
 
 def test_part_b_on_mnist(tmp_path, monkeypatch):
-    if not os.environ.get("POLYTOPE_LAB_DATA"):
-        pytest.skip("POLYTOPE_LAB_DATA is not set (directory holding mnist/)")
+    real_mnist_dir()
     args = ["--quick", "--parts", "B", "--eps", "0.05", "--samples", "2", "--methods", "dual", "dual-optimized", "milp",
             "--out", str(tmp_path)]
     summary = tightness.main(args)["mnist"]

@@ -1,14 +1,16 @@
 """Exact dual intermediate bounds in chunks (the reference's ``robust_loss_parallel``): for one example
 whose forward columns (or, with skip connections, backward rows) do not fit in memory at once, optionally
-spread over several devices. Same formula as :func:`polytope_lab.dual.intermediate_bounds`, equal results.
+spread over several devices. Same formula as :func:`~polytope_lab.dual.intermediate_bounds`, equal results.
 """
 from __future__ import annotations
 
 import torch
 
-from .dual import _backward, _columns, relu_slopes, relu_terms
-from .network import Network
-from .regions import L2Ball, LinfBall, Region
+from .backward import unit_bounds
+from .columns import basis, unit_columns
+from .relu import relu_slopes, relu_terms, unstable_units
+from ..network import Network
+from ..regions import L2Ball, LinfBall, Region
 
 
 def _push_up(network: Network, slopes: list, M: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -18,6 +20,24 @@ def _push_up(network: Network, slopes: list, M: torch.Tensor, start: int, stop: 
         A, d = network.affines[s], slopes[s - 1]
         M = A.linear((d.unsqueeze(1) * M).reshape(-1, *A.in_shape)).reshape(d.shape[0], M.shape[1], -1)
     return M
+
+
+def _input_chunk(net: Network, slopes: list, eye: torch.Tensor, i: int, weight) -> torch.Tensor:
+    """The share of c input columns ``eye`` (c, n_0) (of A_1·I, pushed up to affine i) in every unit's
+    radius: ``Σ rad·|F|`` with ``weight`` (B, c, 1) their radii, or ``Σ F²`` for an L2 ball (weight None)."""
+    c = eye.shape[0]
+    M = net.affines[0].linear(eye.reshape(c, *net.input_shape)).reshape(1, c, -1)
+    M = _push_up(net, slopes, M, 0, i)                                          # (1|B, c, n_i)
+    return M.square().sum(1) if weight is None else (M.abs() * weight).sum(1)
+
+
+def _units_chunk(net: Network, slopes: list, units, j: int, i: int):
+    """The terms ``Σ_q l_q [∓G_q]₊`` (lower, upper) of a chunk ``units`` = (order, dI, lI), each (B, c),
+    of ReLU layer j's unstable units: the columns ``d_q e_q`` enter at affine j + 1, pushed up to affine i."""
+    order, dI, lI = units
+    G = unit_columns(net.affines[j + 1], order, 0).transpose(1, 2) * dI.unsqueeze(2)  # (B, c, n_{j+1})
+    G = _push_up(net, slopes, G, j + 1, i)                                      # (B, c, n_i)
+    return relu_terms(G.transpose(1, 2), lI)
 
 
 def column_chunked_bounds(network: Network, region: Region, column_chunk: int, devices=None) -> list:
@@ -44,7 +64,7 @@ def column_chunked_bounds(network: Network, region: Region, column_chunk: int, d
     if network.has_skips:
         return _row_chunked_bounds(network, region, column_chunk, devices)
     nets = {device: network.to(device) for device in set(devices)}
-    B, n0, dtype = region.batch_size, network.input_size, region.x.dtype
+    B, n0 = region.batch_size, network.input_size
     weight = region.radius.reshape(B, n0) if isinstance(region, LinfBall) else None    # None: L2, Σ F² then √
     h = network.affines[0].forward(region.center).reshape(B, -1)                       # (B, n_i)
     bounds, slopes, units = [], [], []  # units[j]: (order, dI, lI), each (B, q_j), of ReLU layer j
@@ -61,17 +81,12 @@ def column_chunked_bounds(network: Network, region: Region, column_chunk: int, d
             net = nets[device]
             if j is None:  # input columns start..start + c of A_1·I
                 c = min(column_chunk, n0 - start)
-                eye = torch.zeros(c, n0, device=device, dtype=dtype)
-                eye[torch.arange(c, device=device), torch.arange(start, start + c, device=device)] = 1.0
-                M = net.affines[0].linear(eye.reshape(c, *network.input_shape)).reshape(1, c, -1)
-                M = _push_up(net, on[device], M, 0, i)                                  # (1|B, c, n_i)
                 w = None if weight is None else weight[:, start:start + c].to(device).unsqueeze(2)
-                radius.append(M.square().sum(1) if w is None else (M.abs() * w).sum(1))
-            else:  # unstable units start..start + c of ReLU layer j, entering at affine j + 1
-                order, dI, lI = (x[:, start:start + column_chunk].to(device).unsqueeze(2) for x in units[j])
-                G = _columns(net.affines[j + 1], order.squeeze(2), 0).transpose(1, 2) * dI  # (B, c, n_{j+1})
-                G = _push_up(net, on[device], G, j + 1, i)                              # (B, c, n_i)
-                terms = relu_terms(G.transpose(1, 2), lI.squeeze(2))
+                eye = basis(n0, start, c, device, region.x.dtype)
+                radius.append(_input_chunk(net, on[device], eye, i, w))
+            else:  # unstable units start..start + c of ReLU layer j
+                chunk = [x[:, start:start + column_chunk].to(device) for x in units[j]]
+                terms = _units_chunk(net, on[device], chunk, j, i)
                 lo.append(terms[0])
                 up.append(terms[1])
         rad = sum(p.to(main) for p in radius)
@@ -83,11 +98,7 @@ def column_chunked_bounds(network: Network, region: Region, column_chunk: int, d
         if i + 1 < network.n_relu_layers:
             d, unstable = relu_slopes(lower, upper)
             slopes.append(d)
-            counts = unstable.sum(1)
-            q_max = int(counts.max()) if B else 0
-            order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :q_max]
-            valid = torch.arange(q_max, device=main)[None, :] < counts[:, None]
-            units.append((order, torch.gather(d, 1, order) * valid, torch.gather(lower, 1, order) * valid))
+            units.append(unstable_units(d, unstable, lower))
     return bounds
 
 
@@ -103,11 +114,8 @@ def _row_chunked_bounds(network: Network, region: Region, chunk: int, devices: l
         for t, start in enumerate(range(0, n, chunk)):
             device = devices[t % len(devices)]
             net, reg = on[device]
-            c = min(chunk, n - start)
-            rows = torch.zeros(c, n, device=device, dtype=region.x.dtype)
-            rows[torch.arange(c, device=device), torch.arange(start, start + c, device=device)] = 1.0
             below = [(l.to(device), u.to(device)) for l, u in bounds]
-            l, u = _backward(net, reg, below, rows.reshape(1, c, *A.out_shape).expand(B, c, *A.out_shape), i)
+            l, u = unit_bounds(net, reg, below, i, start, min(chunk, n - start))
             lows.append(l.to(main))
             ups.append(u.to(main))
         bounds.append((torch.cat(lows, 1).reshape(B, *A.out_shape), torch.cat(ups, 1).reshape(B, *A.out_shape)))

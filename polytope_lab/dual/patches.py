@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .network import Conv2dOp, _numel
-from .regions import L2Ball, LinfBall, Region
+from ..network import Conv2dOp, numel
+from ..regions import L2Ball, LinfBall, Region
 
 MAX_TRANSFER = 2 ** 24  # entries of a patch-to-patch matrix before we stop using patches
 
@@ -88,7 +88,7 @@ class PatchRows:
 
     def __init__(self, P, in_shape, k, s, p, out_hw):
         self.P, self.in_shape, self.k, self.s, self.p, self.out_hw = P, tuple(in_shape), k, s, p, tuple(out_hw)
-        self.shape = (P.shape[0], P.shape[1] * P.shape[2], _numel(in_shape))
+        self.shape = (P.shape[0], P.shape[1] * P.shape[2], numel(in_shape))
 
     def window(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (B|1, *in_shape) read through every row's window: (B|1, 1, L, C0·K·K), zero outside."""
@@ -109,7 +109,10 @@ class PatchRows:
 
     def left_multiply(self, M: torch.Tensor) -> torch.Tensor:
         """``M @ rows`` for M (B, m, n_top): (B, m, n_0), one small product per window, then summed
-        into the input by ``fold`` (which drops what falls outside)."""
+        into the input by ``fold`` (which drops what falls outside); through :meth:`dense` when ``fold``
+        would see another grid of windows (not :attr:`foldable`)."""
+        if not self.foldable:
+            return torch.matmul(M, self.dense())
         B, m = M.shape[:2]
         c_top, L, kk = self.P.shape[1:]
         C0, H, W = self.in_shape
@@ -128,7 +131,7 @@ class PatchRows:
 
     @property
     def foldable(self) -> bool:
-        """Whether ``fold`` sees exactly our grid of windows (else ``left_multiply`` needs ``dense``)."""
+        """Whether ``fold`` sees exactly our grid of windows (else ``left_multiply`` goes through ``dense``)."""
         H, W = self.in_shape[1:]
         grid = ((H + 2 * self.p - self.k) // self.s + 1, (W + 2 * self.p - self.k) // self.s + 1)
         return grid == self.out_hw

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
-from polytope_lab.chunked import column_chunked_bounds
+from polytope_lab.dual.chunked import column_chunked_bounds
 from polytope_lab.dual import intermediate_bounds
 from polytope_lab.convert import as_network
 

@@ -1,6 +1,6 @@
 """Algorithm 1's forward columns for networks with skip connections.
 
-A sequential network needs only the columns at the current layer (``dual._Frontier``). With skips, the
+A sequential network needs only the columns at the current layer (``frontier.Frontier``). With skips, the
 pre-activations of affine i read every earlier ``z_j``:
 ``ẑ_{i+1} = A_i(z_i) + Σ_j S_ij(z_j)``. So the linearised network's state is kept for every ``z_j``,
 post-ReLU (``D_j`` applied): the centre image ``h``, the input columns ``F`` and, per earlier ReLU layer k,
@@ -8,7 +8,7 @@ its unstable units' columns. At ``z_{k+1}`` the new units of ReLU layer k are he
 (unit indices, slopes) and become columns only through the operators that read them, which avoids an
 (n × q) one-hot block.
 
-With ``proj=k`` the blocks of more than k columns are sketched as in ``dual._Frontier`` (same estimator,
+With ``proj=k`` the blocks of more than k columns are sketched as in ``frontier.Frontier`` (same estimator,
 same draws): every state then also holds ``S`` (B|1, n_j, k), the Cauchy combinations of the projected
 blocks (the radius-weighted input columns, ``½ l_q d_q e_q`` for a projected ReLU layer), and ``S2``, an
 L2 ball's Gaussian input sketch. The sketches are linear in the columns, so one ``S`` per state carries
@@ -21,10 +21,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .dual import _columns, relu_slopes, relu_terms
-from .network import LinearOp, Network
-from .projections import l1_estimate, l2_estimate, random_matrix
-from .regions import L2Ball, LinfBall, Region
+from . import columns
+from .projections import l1_estimate, l2_estimate, sketch_input, sketch_relu
+from .relu import max_unstable, relu_slopes, relu_terms, unstable_units
+from ..network import Network
+from ..regions import Region
 
 
 class _State(NamedTuple):
@@ -42,11 +43,8 @@ def _apply(op, block, B):
     (order (B, q), dI (B, q)) standing for the columns ``d_q e_q``; returns (B|1, n_out, c)."""
     if isinstance(block, tuple):
         order, dI = block
-        return _columns(op, order, B * order.shape[1]) * dI.unsqueeze(1)
-    if isinstance(op, LinearOp):
-        return torch.matmul(op.weight, block)
-    Bm, _, c = block.shape
-    return op.linear(block.transpose(1, 2).reshape(Bm * c, *op.in_shape)).reshape(Bm, c, -1).transpose(1, 2)
+        return columns.unit_columns(op, order, B * order.shape[1]) * dI.unsqueeze(1)
+    return columns.apply(op, block)
 
 
 def _add(total, term):
@@ -63,6 +61,8 @@ class SkipFrontier:
     sketch (shared by the batch) wherever an affine reads it.
     """
 
+    jumpable = False  # the final objective runs to the input, through the skips
+
     def __init__(self, network: Network, region: Region, proj=None, generator=None):
         self.network, self.region, self.layer = network, region, 0
         self.proj, self.generator, self.scale = proj, generator, None
@@ -70,8 +70,11 @@ class SkipFrontier:
         F = S = S2 = None
         if proj is None or proj >= n0:
             F = torch.eye(n0, device=x.device, dtype=x.dtype).unsqueeze(0)              # (1, n0, n0)
-        else:
-            S, S2 = self._sketch_input()
+        else:  # k random combinations of the input coordinates as columns (B|1, n0, k)
+            sketch = sketch_input(region, n0, proj, generator)
+            R = sketch.R.transpose(1, 2)
+            S, S2 = (R, None) if sketch.kind == "cauchy" else (None, R)
+            self.scale = None if sketch.scale is None else sketch.scale.reshape(B, 1, 1)
         self.estimated = F is None
         self.states = [_State(region.center.reshape(B, -1), F, {}, S, S2)]
         self.lI = {}
@@ -80,21 +83,6 @@ class SkipFrontier:
             for j in [i] + [j for j, _ in network.skips_into(i)]:
                 self.last_read[j] = i
         self.pre = self._affine(0)
-
-    def _sketch_input(self):
-        """(S, S2) at z_0: k random combinations of the input coordinates as columns (B|1, n0, k),
-        each coordinate weighted by its radius (Cauchy for an L∞ ball, Gaussian for an L2 ball)."""
-        region, k = self.region, self.proj
-        B, n0 = region.batch_size, self.network.input_size
-        if not isinstance(region, (LinfBall, L2Ball)):
-            raise ValueError(f"random projections need a LinfBall or an L2Ball, got {type(region).__name__}")
-        kind = "cauchy" if isinstance(region, LinfBall) else "gauss"
-        R = random_matrix(kind, (k, n0), self.generator, region.x).t().unsqueeze(0)     # (1, n0, k)
-        if isinstance(region, LinfBall) and region.clip is not None:  # per-coordinate radius
-            R = region.radius.reshape(B, n0, 1) * R
-        else:
-            self.scale = region.eps.reshape(B, 1, 1)
-        return (R, None) if kind == "cauchy" else (None, R)
 
     def _affine(self, i):
         """The state at the output of affine i: its main term on z_i plus its skip terms."""
@@ -136,19 +124,16 @@ class SkipFrontier:
         D = d.unsqueeze(2)
         post = {k: D * G for k, G in blocks.items()}
         h, F, S, S2 = d * h, None if F is None else D * F, None if S is None else D * S, None if S2 is None else D * S2
-        counts = unstable.sum(1)
-        q_max = int(counts.max()) if B else 0
+        q_max = max_unstable(unstable)
         if self.proj is not None and q_max > self.proj:   # sketch: k Cauchy combinations of w_q e_q
-            w = torch.where(unstable, d * l, torch.zeros_like(l)) / 2                   # (B, n_s)
-            R = random_matrix("cauchy", (1, self.proj, w.shape[1]), self.generator, w).transpose(1, 2)
-            S = _add(S, w.unsqueeze(2) * R)
+            w, R = sketch_relu(d, unstable, l, self.proj, self.generator)              # (B, n_s), (1, k, n_s)
+            S = _add(S, w.unsqueeze(2) * R.transpose(1, 2))
             h = h - w
             self.estimated = True
         elif q_max:
-            order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :q_max]
-            valid = torch.arange(q_max, device=d.device)[None, :] < counts[:, None]   # (B, q_max)
-            post[self.layer] = (order, torch.gather(d, 1, order) * valid)
-            self.lI[self.layer] = torch.gather(l, 1, order) * valid
+            units = unstable_units(d, unstable, l)
+            post[self.layer] = (units.order, units.d)
+            self.lI[self.layer] = units.l
         self.states.append(_State(h, F, post, S, S2))
         self.layer += 1
         self.pre = self._affine(self.layer)

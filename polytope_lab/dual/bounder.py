@@ -1,0 +1,109 @@
+"""The dual backend: :class:`DualBounder`, Wong–Kolter bounds behind the :class:`~polytope_lab.Bounder`
+contract; its result is an :class:`~polytope_lab.bounds.EstimatedBounds` when random projections estimated
+a term."""
+from __future__ import annotations
+
+import torch
+
+from .alpha import optimize_alpha
+from .backward import dual_objective
+from .chunked import column_chunked_bounds
+from .intermediate import FLOAT_BYTES, intermediate_bounds
+from .projections import check_proj
+from ..bounds import Bounder, Bounds, EstimatedBounds
+from ..network import Network
+
+
+class DualBounder(Bounder):
+    """Wong–Kolter dual bounds.
+
+    Options: ``alpha`` "fixed" (Algorithm 1's α = u/(u−l)) or "optimized" (projected gradient ascent,
+    ``steps``/``lr``, on every ReLU layer's α in the final objective, one α per objective row; the
+    intermediate bounds keep the fixed α); ``device`` (default: where the region's ``x`` lives, so CPU
+    unless you pass CUDA tensors or ``device="cuda"``; results come back on ``x``'s device);
+    ``max_memory`` bytes per chunk of examples (chunking bounds peak memory, results are unchanged);
+    ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds. Results carry no gradient
+    (the base class detaches them):
+    use :func:`polytope_lab.robust_loss` or :func:`dual_objective` to differentiate through the bound.
+
+    ``proj=k``: estimate the intermediate bounds with k random projections (Wong et al. 2018b; Cauchy
+    with the median estimator for L∞ and the ReLU terms, Gaussian with the root mean square for an L2
+    ball's input term). A block of columns is projected only when k is smaller than its number of
+    columns (n_0 for the input, the batch's largest count of unstable units for a ReLU layer), otherwise
+    it stays exact. Given the intermediate bounds the final objective is exact. If anything was
+    estimated the result is an :class:`EstimatedBounds` (``method`` e.g. "dual-proj50", ``sound`` False,
+    never ``certified``); ``seed`` (int) draws the projections from a fresh generator on every call, so
+    a call is reproducible (None: torch's global generator).
+
+    ``column_chunk=c``: exact intermediate bounds holding at most c forward columns at once
+    (:func:`column_chunked_bounds`), for an example too big for memory; ``devices`` (a list of torch
+    devices) spreads the chunks. ``max_memory`` chunks over examples, ``column_chunk`` within one.
+
+    Networks with skip connections (``models.DenseSequential``): the dual transposes through the skips;
+    intermediate bounds come from forward columns kept at every layer a skip reads ("auto", "forward") or
+    from backward rows ("backward"); ``proj`` sketches the forward columns (backward rows stay exact), and
+    ``column_chunk`` chunks backward rows.
+    """
+
+    name = "dual"
+
+    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=20, lr=0.2,
+                 proj=None, seed=0, column_chunk=None, devices=None):
+        if alpha not in ("fixed", "optimized"):
+            raise ValueError(f"alpha must be 'fixed' or 'optimized', got {alpha!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be None or an integer, got {seed!r}")
+        if column_chunk is not None and (isinstance(column_chunk, bool) or not isinstance(column_chunk, int)
+                                         or column_chunk < 1):
+            raise ValueError(f"column_chunk must be None or an integer >= 1, got {column_chunk!r}")
+        if devices is not None and (column_chunk is None or isinstance(devices, (str, torch.device))
+                                    or len(devices) == 0):
+            raise ValueError("devices must be a non-empty list of devices, used with column_chunk")
+        if check_proj(proj) is not None and column_chunk is not None:
+            raise ValueError("proj (estimated bounds) and column_chunk (exact bounds) exclude each other")
+        super().__init__(device=device)
+        self.alpha, self.max_memory = alpha, max_memory
+        self.strategy, self.steps, self.lr = strategy, steps, lr
+        self.proj, self.seed, self.column_chunk, self.devices = proj, seed, column_chunk, devices
+
+    def chunk_size(self, network: Network, batch: int) -> int:
+        """Examples per chunk so that the per-example blocks (rows or columns of the dual network,
+        at most ``max width × (n_0 + Σ n_i)`` floats) stay under ``max_memory``."""
+        sizes = [a.out_features for a in network.affines]
+        widest = max(sizes[1:] or sizes)
+        per_example = FLOAT_BYTES * widest * (network.input_size + sum(sizes))
+        return max(1, min(batch, int(self.max_memory // max(per_example, 1))))
+
+    def _bound(self, network, region, C):
+        generator = None if self.proj is None or self.seed is None else torch.Generator().manual_seed(self.seed)
+        step = self.chunk_size(network, region.batch_size)
+        lowers, uppers, layers, estimated = [], [], [], False
+        for start in range(0, region.batch_size, step):
+            idx = slice(start, start + step)
+            sub = region.select(idx)
+            with torch.no_grad():
+                if self.column_chunk is not None:
+                    bounds, frontier = column_chunked_bounds(network, sub, self.column_chunk, self.devices), None
+                else:
+                    bounds, frontier = intermediate_bounds(network, sub, self.strategy, return_frontier=True,
+                                                           proj=self.proj, generator=generator)
+            estimated = estimated or (frontier is not None and frontier.estimated)
+            if self.alpha == "fixed":
+                with torch.no_grad():
+                    lo, up = dual_objective(network, sub, bounds, C[idx], frontier=frontier)
+            else:
+                both = optimize_alpha(network, sub, bounds, torch.cat([C[idx], -C[idx]], 1), self.steps, self.lr)
+                m = C.shape[1]
+                lo, up = both[:, :m], -both[:, m:]
+            lowers.append(lo.detach())
+            uppers.append(up.detach())
+            layers.append(bounds)
+        intermediate = [tuple(torch.cat([ch[j][k] for ch in layers]) for k in range(2))
+                        for j in range(network.n_relu_layers)]
+        method = "dual" if self.alpha == "fixed" else "dual-optimized"
+        result = EstimatedBounds if estimated else Bounds
+        return result(torch.cat(lowers), torch.cat(uppers), intermediate,
+                      ["ok"] * region.batch_size, method=method + (f"-proj{self.proj}" if estimated else ""))
+
+
+__all__ = ["DualBounder"]

@@ -1,0 +1,59 @@
+"""Blocks of columns of the linearised network (Algorithm 1's forward pass), in the layout (B|1, n, c):
+one-hot bases, the columns ``W e_q`` of an operator at chosen units, and operators applied to blocks."""
+from __future__ import annotations
+
+import torch
+
+from .patches import PatchRows
+from ..network import Affine, LinearOp
+
+MAX_DENSE = 2 ** 26  # entries of an operator's dense matrix that unit_columns may build
+
+
+def basis(n: int, start: int, count: int, device, dtype) -> torch.Tensor:
+    """Rows ``e_start … e_{start+count−1}`` of the n×n identity, (count, n)."""
+    E = torch.zeros(count, n, device=device, dtype=dtype)
+    E[torch.arange(count, device=device), torch.arange(start, start + count, device=device)] = 1.0
+    return E
+
+
+def matrix_transpose(A: Affine, device, dtype) -> torch.Tensor:
+    """``Wᵀ`` (n_in, n_out) of A's linear part: A applied to the identity (row q = column q of W)."""
+    eye = torch.eye(A.in_features, device=device, dtype=dtype).reshape(A.in_features, *A.in_shape)
+    return A.linear(eye).reshape(A.in_features, -1)
+
+
+def unit_columns(A: Affine, order: torch.Tensor, budget: int) -> torch.Tensor:
+    """Columns ``order`` (B, q) of A's matrix as (B, n_out, q): a gather from the dense matrix, or A
+    applied to one-hot inputs when that takes fewer operator calls (``budget`` = B·q)."""
+    B, q = order.shape
+    if isinstance(A, LinearOp):
+        return A.weight[:, order].permute(1, 0, 2)
+    n_in = A.in_features
+    ref = A.bias()
+    if n_in <= budget and n_in * A.out_features <= MAX_DENSE:
+        return matrix_transpose(A, ref.device, ref.dtype)[order].transpose(1, 2)
+    E = ref.new_zeros(B, q, n_in).scatter(2, order.unsqueeze(2), 1.0)
+    return A.linear(E.reshape(B * q, *A.in_shape)).reshape(B, q, -1).transpose(1, 2)
+
+
+def apply(A: Affine, M: torch.Tensor) -> torch.Tensor:
+    """A's linear part on every column of M (B|1, n_in, c): (B|1, n_out, c)."""
+    if isinstance(A, LinearOp):
+        return torch.matmul(A.weight, M)
+    Bm, _, c = M.shape
+    return A.linear(M.transpose(1, 2).reshape(Bm * c, *A.in_shape)).reshape(Bm, c, -1).transpose(1, 2)
+
+
+def push(A: Affine, d: torch.Tensor, M) -> torch.Tensor:
+    """``A·(d ⊙ column)`` for every column of M (B|1, n, c) or :class:`PatchRows`, with d (B, n): (B, n', c)."""
+    if isinstance(M, PatchRows):
+        if isinstance(A, LinearOp):
+            return M.left_multiply(A.weight * d.unsqueeze(1))
+        M = M.dense()
+    if isinstance(A, LinearOp):
+        return torch.matmul(A.weight * d.unsqueeze(1), M)                     # (W D) M: no (B, n, c) temporary
+    return apply(A, d.unsqueeze(2) * M)
+
+
+__all__ = ["basis", "matrix_transpose", "unit_columns", "apply", "push"]
