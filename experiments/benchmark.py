@@ -3,7 +3,8 @@ on the paper's pretrained MNIST ConvNet at ε = 0.1 (L∞ ball, not clipped to [
 
     python -m experiments.benchmark --model ../shared/models/wong_kolter_mnist_eps0.1.pth --data-dir ../shared/data
 
-Parts, all measured in one run and written to ``<out>/results.csv``, ``.md`` and ``.json``:
+Parts, all measured in one run and written to ``<out>/results.csv``, ``.md`` and ``.json`` (and the rows to the
+result store ``<out>/results.sqlite``, table ``benchmark``):
   a. dual bounds (objective rows e_y − e_j, under torch.no_grad) on the first N test images: ms/image for
      both implementations, their ratio, the largest relative difference of the bounds, robust errors;
   b. ``robust_loss`` forward + backward, ms/image, and the difference of the loss values;
@@ -23,7 +24,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import platform
-import sys
 import time
 
 import pandas as pd
@@ -33,8 +33,11 @@ from tqdm.auto import tqdm
 import polytope_lab as pl
 from polytope_lab import data, models
 
+from polytope_lab.evaluation import robust_errors
+
 from . import benchmark_exact, benchmark_scaling, benchmark_skip
-from ._common import base_parser, machine_load, time_interleaved, to_markdown, write_table
+from .cli import (ExperimentParser, command, machine_load, record_rows, time_interleaved, to_markdown, torch_threads,
+                  write_table)
 
 EPS = 0.1
 N_CLASSES = 10
@@ -49,32 +52,28 @@ REPORTED_FIGURES = {
 }
 PARTS = "abcdefghi"
 COLUMNS = ["part", "quantity", "polytope_lab", "convex_adversarial", "reference / ours", REPORTED, "note"]
+DEFAULTS = dict(threads=2, n_images=500, n_compare=200, batch=50, reps=3)
+QUICK = dict(n_images=20, n_compare=20, batch=10, reps=1)
 
 
 def parse_args(argv=None):
-    parser = base_parser(__doc__.strip().splitlines()[0], default_out="figures/benchmark")
-    parser.add_argument("--model", required=True, help="state_dict of the paper's MNIST ConvNet (.pth)")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory holding mnist/ (default: $POLYTOPE_LAB_DATA, else ~/.cache/polytope_lab)")
-    parser.add_argument("--n-images", type=int, default=500, help="test images for parts a and b")
-    parser.add_argument("--n-compare", type=int, default=200, help="test images for part d")
-    parser.add_argument("--batch", type=int, default=50, help="images per batch")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per batch (median taken)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser = ExperimentParser(__doc__.strip().splitlines()[0], out="figures/benchmark", defaults=DEFAULTS,
+                              quick=QUICK, model_help="state_dict of the paper's MNIST ConvNet (.pth; required)")
+    parser.setting("--n-images", type=int, help="test images for parts a and b")
+    parser.setting("--n-compare", type=int, help="test images for part d")
+    parser.setting("--batch", type=int, help="images per batch")
+    parser.setting("--reps", type=int, help="timed repetitions per batch (median taken)")
     parser.add_argument("--full", action="store_true", help="part c: certify all 10,000 test images")
     parser.add_argument("--parts", default=PARTS, help="which parts to run, e.g. 'ad' or 'ef'")
     benchmark_exact.add_arguments(parser)
     benchmark_scaling.add_arguments(parser)
     benchmark_skip.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.model is None:
+        parser.error("--model is required: the state_dict of the paper's MNIST ConvNet")
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         parser.error(f"--parts takes letters from {PARTS!r}, got {args.parts!r}")
-    if args.quick:
-        args.n_images, args.n_compare, args.batch, args.reps = 20, 20, 10, 1
-        benchmark_exact.quick(args)
-        benchmark_scaling.quick(args)
-        benchmark_skip.quick(args)
     return args
 
 
@@ -214,10 +213,9 @@ def part_c(model, X, y, args, ca, result_a):
     full = batches(X, y, args.batch)
     times, errors = {}, {}
     with torch.no_grad():
-        start, errors["ours"] = time.perf_counter(), 0
-        for Xb, yb in tqdm(full, desc="c: full test set, polytope_lab", leave=False):
-            errors["ours"] += int((~bounder.bound(model, pl.LinfBall(Xb, EPS), pl.margin_matrix(yb, N_CLASSES))
-                                   .certified).sum())
+        start = time.perf_counter()
+        errors["ours"] = int(robust_errors(model, X, y, EPS, bounder=bounder, n_classes=N_CLASSES,
+                                           batch_size=args.batch, progress=True).sum())
         times["ours"] = time.perf_counter() - start
         if ca is not None:
             start, errors["ref"] = time.perf_counter(), 0
@@ -312,8 +310,12 @@ def crown_rows(model, data_batches, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args, argv)
+
+
+def run(args, argv):
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
     load_start = machine_load()
     ca, ca_why = optional_module("convex_adversarial")
     model = models.load_state(models.mnist_convnet(), args.model).to(args.device)
@@ -350,12 +352,13 @@ def main(argv=None):
     df = df.reindex(columns=COLUMNS + [c for c in df.columns if c not in COLUMNS])
     load_end = machine_load()
     meta = {
-        "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command("benchmark", argv),
         "eps": EPS, "n_images": args.n_images, "n_compare": args.n_compare, "batch": args.batch,
         "reps": args.reps, "threads": args.threads, "device": args.device, "quick": args.quick,
         "full": args.full, "parts": args.parts,
         "milp_images": args.milp_images, "milp_solvers": args.milp_solvers,
-        "milp_time_limit": args.milp_time_limit, "lp_images": args.lp_images, "seconds_total": round(time.perf_counter() - started, 1),
+        "milp_time_limit": args.milp_time_limit, "lp_images": args.lp_images, "mlp_images": args.mlp_images,
+        "mlp_epochs": args.mlp_epochs, "seconds_total": round(time.perf_counter() - started, 1),
         "proj": args.proj, "train_steps": args.train_steps, "memory_batches": args.memory_batches,
         "max_memory_mib": args.max_memory_mib, "column_chunk": args.column_chunk,
         "memory_settings": args.memory_settings, "skip_images": args.skip_images, "skip_batch": args.skip_batch,
@@ -364,6 +367,7 @@ def main(argv=None):
         "load_at_start": load_start, "load_at_end": load_end,
     }
     paths = write_table(df, args.out, "results", meta=meta, json_too=True)
+    record_rows(args.out, "benchmark", df.to_dict("records"), key=["part", "quantity"])
     print(to_markdown(df))
     busiest = max(load_start["loadavg_1min"], load_end["loadavg_1min"])
     if busiest > args.threads + 0.5:

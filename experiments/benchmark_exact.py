@@ -4,8 +4,9 @@
      intermediate bounds included) on the first ``--milp-images`` test images, per solver: median and
      90th-percentile seconds per image, the fraction settled within ``--milp-time-limit`` seconds, and the
      exact adversarial error (counterexamples verified by running the network; unsettled images widen it
-     to a range). Per-image rows go to ``<out>/milp_per_image.csv`` as they are computed; a rerun with
-     ``--resume`` keeps the rows already there.
+     to a range). Per-image verdicts go to the result store (``<out>/results.sqlite``, table
+     ``milp_per_image``) as they are computed, and to ``<out>/milp_per_image.csv``; a rerun with ``--resume``
+     keeps the verdicts already stored.
   f. LP of the convex outer polytope (eq. 15, HiGHS) against the dual bound with optimised α on the same
      intermediate bounds: seconds per example and the gap of the margin lower bounds, for the ConvNet and
      for an MLP trained here (checkpointed under ``<out>``).
@@ -16,78 +17,69 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 import polytope_lab as pl
-from polytope_lab import models, training
+from polytope_lab.evaluation import certify_each
+
+from .cli import result_store
+from .trained import robust_mlp
 
 CLIP = (0.0, 1.0)
 SETTLED = ("certified", "counterexample")
 MIPVERIFY = "MIPVerify (Gurobi, 8 CPUs): mean 3.52 s/image; exact adversarial error 4.38% on the full test set"
 MLP_SIZES = [784, 100, 100, 10]
+PER_IMAGE = ["solver", "image", "label", "status", "seconds", "margin", "counterexample_margin"]
+DEFAULTS = dict(milp_images=100, milp_solvers=["HIGHS", "CBC"], milp_time_limit=120.0, lp_images=10,
+                mlp_images=10_000, mlp_epochs=2)
+QUICK = dict(milp_images=3, milp_solvers=["HIGHS"], lp_images=1, mlp_images=1_000, mlp_epochs=1)
 
 
 def add_arguments(parser):
-    parser.add_argument("--milp-images", type=int, default=100, help="part e: first N test images")
-    parser.add_argument("--milp-solvers", nargs="+", default=["HIGHS", "CBC"], help="part e: MILP solvers")
-    parser.add_argument("--milp-time-limit", type=float, default=120.0,
-                        help="part e: seconds per MILP solve; an image is settled when certified or refuted")
-    parser.add_argument("--lp-images", type=int, default=10, help="part f: test images per network")
+    parser.add_settings(DEFAULTS, QUICK)
+    parser.setting("--milp-images", type=int, help="part e: first N test images")
+    parser.setting("--milp-solvers", nargs="+", help="part e: MILP solvers")
+    parser.setting("--milp-time-limit", type=float,
+                   help="part e: MILP seconds per image (all its margins together); an image is settled "
+                        "when certified or refuted")
+    parser.setting("--lp-images", type=int, help="part f: test images per network")
+    parser.setting("--mlp-images", type=int, help="part f: training images of the MLP trained here")
+    parser.setting("--mlp-epochs", type=int, help="part f: epochs of the MLP trained here")
     parser.add_argument("--milp-every-margin", action="store_true",
                         help="part e: also time the first solver deciding every margin by MILP (no dual shortcut)")
-    parser.add_argument("--resume", action="store_true", help="part e: keep per-image rows already in the CSV")
+    parser.add_argument("--resume", action="store_true", help="part e: keep the per-image verdicts already stored")
 
 
-def quick(args):
-    args.milp_images, args.milp_solvers, args.lp_images = 3, ["HIGHS"], 1
-
-
-def percentile(values, q):
-    """The q-th percentile (0–100) of ``values``, by linear interpolation (numpy's default rule)."""
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def milp_per_image(model, X, y, eps, solver, args, done: pd.DataFrame, path: Path, trust_dual=True):
-    """Certify the images one by one with ``solver``; append each row to ``path``; return all rows.
-    ``trust_dual=False``: every margin is decided by the MILP, none skipped on the dual's certificate."""
+def milp_per_image(model, X, y, eps, solver, args, store, trust_dual=True) -> list:
+    """Certify the images one by one with ``solver`` (each verdict stored as soon as it is made; those
+    already stored are kept); the rows. ``trust_dual=False``: every margin is decided by the MILP, none
+    skipped on the dual's certificate."""
     bounder = pl.Bounder.create("milp", solver=solver, threads=args.threads, time_limit=args.milp_time_limit)
     label = solver if trust_dual else f"{solver}, every margin"
-    have = set(done.loc[done["solver"] == label, "image"]) if len(done) else set()
-    rows = []
-    for i in tqdm(range(len(X)), desc=f"e: MILP {label}", leave=False):
-        if i in have:
-            continue
-        start = time.perf_counter()
-        cert = bounder.certify(model, pl.LinfBall(X[i:i + 1], eps, clip=CLIP), y[i:i + 1], trust_dual=trust_dual)
-        row = {"solver": label, "image": i, "label": int(y[i]), "status": cert.status[0],
-               "seconds": time.perf_counter() - start, "lower": float(cert.lower[0]),
-               "witness_margin": float(cert.witness_margin[0])}
-        pd.DataFrame([row]).to_csv(path, mode="a", header=not path.exists(), index=False)
-        rows.append(row)
-    return pd.concat([done, pd.DataFrame(rows)], ignore_index=True) if rows else done
+    records = certify_each(bounder, model, X, y, eps, clip=CLIP, store=store, prefix=(label,), progress=True,
+                           trust_dual=trust_dual)
+    return [{"solver": label, **r} for r in records]
 
 
 def part_e(model, X, y, eps, args):
     """MILP verdicts on the first ``--milp-images`` images, per solver."""
     X, y = X[:args.milp_images], y[:args.milp_images]
     n = len(X)
-    path = Path(args.out) / "milp_per_image.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not args.resume:
-        path.unlink()
-    table = pd.read_csv(path) if path.exists() else pd.DataFrame()
-    labels = list(args.milp_solvers)
+    store = result_store(args.out, "milp_per_image")
+    if not args.resume:
+        store.clear()
+    labels, verdicts = list(args.milp_solvers), []
     for solver in args.milp_solvers:
-        table = milp_per_image(model, X, y, eps, solver, args, table, path)
+        verdicts += milp_per_image(model, X, y, eps, solver, args, store)
     if args.milp_every_margin:
-        table = milp_per_image(model, X, y, eps, args.milp_solvers[0], args, table, path, trust_dual=False)
+        verdicts += milp_per_image(model, X, y, eps, args.milp_solvers[0], args, store, trust_dual=False)
         labels.append(f"{args.milp_solvers[0]}, every margin")
+    store.close()
+    table = pd.DataFrame(verdicts, columns=PER_IMAGE)
+    table.to_csv(Path(args.out) / "milp_per_image.csv", index=False)
     with torch.no_grad():
         dual = pl.Bounder.create("dual").bound(model, pl.LinfBall(X, eps, clip=CLIP), pl.margin_matrix(y, 10))
     dual_err = int((~dual.certified).sum())
@@ -105,7 +97,8 @@ def part_e(model, X, y, eps, args):
         rows += [
             {"part": "e", "quantity": f"{what}: median s/image (first {n}, ε={eps} ∩ [0,1])",
              "polytope_lab": statistics.median(secs), "note": "target ≤ 3.5 s; " + MIPVERIFY},
-            {"part": "e", "quantity": f"{what}: 90th percentile s/image", "polytope_lab": percentile(secs, 90),
+            {"part": "e", "quantity": f"{what}: 90th percentile s/image",
+             "polytope_lab": float(np.percentile(secs, 90)),
              "note": f"mean {statistics.fmean(secs):.3g} s, max {max(secs):.3g} s"},
             {"part": "e", "quantity": f"{what}: median s/image on the images the dual bound leaves open",
              "polytope_lab": statistics.median(hard) if hard else float("nan"),
@@ -121,15 +114,11 @@ def part_e(model, X, y, eps, args):
 
 
 def trained_mlp(X_train, y_train, eps, args):
-    """A 784-100-100-10 MLP robustly trained here (ε warm-up over the first epoch), checkpointed in --out:
-    a rerun resumes or reuses it. ``--quick``: 1,000 images, one epoch; else 10,000 images, two epochs."""
-    n, epochs = (1_000, 1) if args.quick else (10_000, 2)
-    net = models.mlp(MLP_SIZES)
-    torch.manual_seed(args.seed)
-    training.train(net, X_train[:n].flatten(1), y_train[:n], mode="robust", eps=eps, epochs=epochs,
-                   warmup_epochs=1, clip=CLIP, seed=args.seed, progress=False,
-                   checkpoint_dir=Path(args.out) / f"mlp_{n}_images_{epochs}_epochs",
-                   architecture={"name": "mlp", "sizes": MLP_SIZES})
+    """A 784-100-100-10 MLP robustly trained here on the first ``--mlp-images`` images for ``--mlp-epochs``
+    (ε warm-up over the first epoch), checkpointed in --out: a rerun resumes or reuses it."""
+    n, epochs = args.mlp_images, args.mlp_epochs
+    net, _ = robust_mlp(X_train[:n], y_train[:n], MLP_SIZES, eps=eps, epochs=epochs, clip=CLIP, seed=args.seed,
+                        directory=Path(args.out) / f"mlp_{n}_images_{epochs}_epochs")
     return net
 
 

@@ -10,21 +10,20 @@ ConvNet, ε = 0.1, L∞ ball not clipped (as in parts a–d).
      under --quick), its exact and projected (``proj``, ``norm_type="l1_median"``) steps alongside.
   h. Peak memory of the exact bound (``DualBounder``, torch.no_grad, margin objectives) against the batch
      size, unchunked, chunked over examples (``max_memory``) and chunked over columns (``column_chunk``).
-     Each setting runs in a fresh Python process holding torch, the model and the images; the figure is the
-     process's peak resident set size during the call minus its resident size just before (Linux: the peak
-     is reset through /proc/self/clear_refs; elsewhere ``ru_maxrss``, which may include earlier peaks). It
-     counts every page the call touched (tensors, allocator caches, convolution buffers), not tensor bytes.
+     Each setting runs in a fresh Python process holding torch, the model and the images
+     (``python -m experiments.measure_memory``); the figure is the process's peak resident set size during
+     the call minus its resident size just before (Linux: the peak is reset through /proc/self/clear_refs;
+     elsewhere ``ru_maxrss``, which may include earlier peaks). It counts every page the call touched
+     (tensors, allocator caches, convolution buffers), not tensor bytes.
+
+Run through ``python -m experiments.benchmark --parts gh``; this module is not an entry point.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
-import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,33 +32,30 @@ import torch
 from tqdm.auto import tqdm
 
 import polytope_lab as pl
-from polytope_lab import models
+
+from . import measure_memory
 
 TRAIN_SET_SIZE = 60_000
 EPOCH_TARGET_S = 600.0   # the issue's goal: ≤ 10 minutes per epoch on 2 cores
 RATIO_TARGET = 8.0       # the issue's goal: projections ≥ 8× faster per step
-N_CLASSES = 10
-ROOT = Path(__file__).resolve().parents[1]
 MEMORY_SETTINGS = ("unchunked", "examples", "columns")
-CHILD = "--measure-memory"  # main()'s hidden first argument: run one part-h measurement, print JSON
+DEFAULTS = dict(proj=50, train_steps=6, lr=1e-4, train_reference=True, memory_batches=[1, 10, 50, 100],
+                max_memory_mib=256.0, column_chunk=64, memory_settings=list(MEMORY_SETTINGS))
+#: --quick: the reference's exact training step alone takes seconds, so it is skipped
+QUICK = dict(train_steps=1, train_reference=False, memory_batches=[10], memory_settings=["unchunked", "columns"])
 
 
 def add_arguments(parser):
-    parser.add_argument("--proj", type=int, default=50, help="part g: random projections k")
-    parser.add_argument("--train-steps", type=int, default=6, help="part g: timed steps per variant")
-    parser.add_argument("--lr", type=float, default=1e-4, help="part g: Adam learning rate")
-    parser.add_argument("--memory-batches", type=int, nargs="+", default=[1, 10, 50, 100],
-                        help="part h: batch sizes")
-    parser.add_argument("--max-memory-mib", type=float, default=256.0,
-                        help="part h: max_memory of the example-chunked setting, MiB")
-    parser.add_argument("--column-chunk", type=int, default=64,
-                        help="part h: column_chunk of the column-chunked setting")
-    parser.add_argument("--memory-settings", nargs="+", choices=list(MEMORY_SETTINGS), default=list(MEMORY_SETTINGS),
-                        help="part h: settings to measure")
-
-
-def quick(args):
-    args.train_steps, args.memory_batches, args.memory_settings = 1, [10], ["unchunked", "columns"]
+    parser.add_settings(DEFAULTS, QUICK)
+    parser.setting("--proj", type=int, help="part g: random projections k")
+    parser.setting("--train-steps", type=int, help="part g: timed steps per variant")
+    parser.setting("--lr", type=float, help="part g: Adam learning rate")
+    parser.setting("--train-reference", action=argparse.BooleanOptionalAction,
+                   help="part g: time convex_adversarial's training steps too (when it is installed)")
+    parser.setting("--memory-batches", type=int, nargs="+", help="part h: batch sizes")
+    parser.setting("--max-memory-mib", type=float, help="part h: max_memory of the example-chunked setting, MiB")
+    parser.setting("--column-chunk", type=int, help="part h: column_chunk of the column-chunked setting")
+    parser.setting("--memory-settings", nargs="+", choices=list(MEMORY_SETTINGS), help="part h: settings to measure")
 
 
 def training_step(loss_fn, model, optimizer, X, y, eps):
@@ -74,12 +70,12 @@ def training_step(loss_fn, model, optimizer, X, y, eps):
 
 def part_g(model, X_train, y_train, eps, args, ca=None):
     """Exact against projected robust training steps, interleaved step by step; the reference's too
-    (``ca``: convex_adversarial, or None; skipped with --quick, where its exact step alone takes seconds)."""
+    (``ca``: convex_adversarial, or None; skipped with --no-train-reference, the --quick value)."""
     k = args.proj
     generator = torch.Generator().manual_seed(args.seed)
     losses = {("ours", "exact"): pl.robust_loss,
               ("ours", "proj"): functools.partial(pl.robust_loss, proj=k, generator=generator)}
-    if ca is not None and not args.quick:  # the reference draws its projections from torch's global generator
+    if ca is not None and args.train_reference:  # the reference draws its projections from torch's global generator
         losses[("reference", "exact")] = ca.robust_loss
         losses[("reference", "proj")] = functools.partial(ca.robust_loss, proj=k, norm_type="l1_median")
     copies = {key: copy.deepcopy(model).train() for key in losses}
@@ -100,8 +96,9 @@ def part_g(model, X_train, y_train, eps, args, ca=None):
     med_cpu = {key: statistics.median(v) for key, v in cpu.items()}
     names = {"exact": "exact", "proj": f"proj={k}"}
     what = f"batches of {B}, ε={eps}, {args.threads} thread(s)"
-    skipped = "" if ca is not None and not args.quick else (
-        "; reference skipped (--quick)" if ca is not None else "; convex_adversarial not installed: reference skipped")
+    skipped = "" if ca is not None and args.train_reference else (
+        ("; reference skipped (--quick)" if args.quick else "; reference skipped (--no-train-reference)")
+        if ca is not None else "; convex_adversarial not installed: reference skipped")
 
     def with_reference(row, values):
         if ("reference", "exact") in losses:
@@ -159,49 +156,6 @@ def memory_settings(args):
     return dict(every[key] for key in MEMORY_SETTINGS if key in args.memory_settings)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (Linux ≥ 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def measure_memory(spec: dict) -> dict:
-    """In this (fresh) process: bound the images in ``spec["inputs"]``; peak RSS growth (MiB) and seconds."""
-    torch.set_num_threads(spec["threads"])
-    network = pl.from_torch(models.load_state(models.mnist_convnet(), spec["model"]), (1, 28, 28))
-    X, y = torch.load(spec["inputs"], weights_only=True)
-    region, C = pl.LinfBall(X, spec["eps"]), pl.margin_matrix(y, N_CLASSES)
-    bounder = pl.Bounder.create("dual", **spec["options"])
-    exact_peak = _reset_peak()
-    before = _status_kib("VmRSS") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-    start = time.perf_counter()
-    with torch.no_grad():
-        bounds = bounder.bound(network, region, C)
-    seconds = time.perf_counter() - start
-    after = _status_kib("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_mib": (after - before) / 1024, "seconds": seconds, "exact_peak": exact_peak,
-            "examples_per_chunk": bounder.chunk_size(network, len(X)), "certified": int(bounds.certified.sum())}
-
-
-def run_child(spec: dict) -> dict:
-    """:func:`measure_memory` in a fresh interpreter (peak RSS is per process)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-m", "experiments.benchmark_scaling", CHILD, json.dumps(spec)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory measurement failed for {spec}: {out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def part_h(X, y, eps, args):
     """Peak memory of the exact bound on the first test images, per batch size and chunking setting."""
     rows, results = [], {}
@@ -212,9 +166,8 @@ def part_h(X, y, eps, args):
             inputs = Path(tmp) / f"images_{B}.pt"
             if not inputs.exists():
                 torch.save((X[:B].cpu().clone(), y[:B].cpu().clone()), inputs)
-            spec = {"inputs": str(inputs), "options": settings[name], "eps": eps, "threads": args.threads,
-                    "model": str(Path(args.model).resolve())}
-            results[B, name] = r = run_child(spec)
+            results[B, name] = r = measure_memory.in_fresh_process(Path(args.model).resolve(), inputs, eps,
+                                                                    args.threads, settings[name])
             how = "peak RSS (reset before the call) − RSS before" if r["exact_peak"] else "growth of ru_maxrss"
             rows.append({"part": "h", "quantity": f"exact bound, batch {B}, {name}: peak memory, MiB",
                          "polytope_lab": r["peak_mib"],
@@ -228,17 +181,3 @@ def part_h(X, y, eps, args):
                                  f"{results[B, name]['seconds'] / results[B, 'unchunked']['seconds']:.3g}"})
     return rows
 
-
-def main(argv=None):
-    """Parts g and h alone: ``python -m experiments.benchmark_scaling --model PATH [benchmark options]``
-    (the options of ``experiments.benchmark``; results in its ``--out``)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == [CHILD]:
-        print(json.dumps(measure_memory(json.loads(argv[1]))))
-        return None
-    from . import benchmark
-    return benchmark.main(["--parts", "gh", *argv])
-
-
-if __name__ == "__main__":
-    main()

@@ -22,20 +22,22 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
-from polytope_lab import models
+from polytope_lab import checks, models
 
 N_CLASSES = 10
 
 
+DEFAULTS = dict(skip_images=20, skip_batch=10)
+QUICK = dict(skip_images=4, skip_batch=2)
+TOL = 1e-5  # PGD "below the bound": by more than checks.slack(value, TOL)
+
+
 def add_arguments(parser):
-    parser.add_argument("--skip-images", type=int, default=20, help="part i: MNIST test images")
-    parser.add_argument("--skip-batch", type=int, default=10,
-                        help="part i: batch of the training steps (the exact step holds every forward column: "
-                             "about 0.3 GiB per image)")
-
-
-def quick(args):
-    args.skip_images, args.skip_batch = 4, 2
+    parser.add_settings(DEFAULTS, QUICK)
+    parser.setting("--skip-images", type=int, help="part i: MNIST test images")
+    parser.setting("--skip-batch", type=int,
+                   help="part i: batch of the training steps (the exact step holds every forward column: "
+                        "about 0.3 GiB per image)")
 
 
 class _Flatten(nn.Module):
@@ -108,7 +110,7 @@ def _speed(X, y, args, ca):
     if ref is not None:
         rows[0]["reference / ours"] = seconds["convex_adversarial"] / seconds["polytope_lab"]
     rows.append({"part": "i", "quantity": "residual ConvNet: margin rows where PGD goes below the bound",
-                 **{k: int((attack < v - 1e-5).sum()) for k, v in lowers.items()},
+                 **{k: int((checks.above(v, attack, TOL) > 0).sum()) for k, v in lowers.items()},
                  "note": f"of {C.shape[0] * C.shape[1]} rows; PGD 40 steps, 2 restarts per row (pgd_minimize)"})
     return rows
 

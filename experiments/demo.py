@@ -4,12 +4,11 @@
     python -m experiments.demo --model ../shared/models/wong_kolter_mnist_eps0.1.pth --data-dir ../shared/data
 
 Prints a table (model, method, mean lower margin, certified count, seconds) and writes it as
-``demo.csv`` and ``demo.md`` to ``--out``. An image is certified when every lower bound of
+``demo.csv`` and ``demo.md`` to ``--out`` (and its rows to the result store ``results.sqlite``, table
+``demo``). An image is certified when every lower bound of
 ``f_y − f_j`` (j ≠ y) is positive; the margin column is the mean over images of the smallest one.
 """
 from __future__ import annotations
-
-import inspect
 
 import pandas as pd
 import torch
@@ -18,18 +17,17 @@ from tqdm.auto import tqdm
 import polytope_lab as pl
 from polytope_lab import data, models
 
-from ._common import base_parser, to_markdown, write_table
+from .cli import ExperimentParser, record_rows, to_markdown, torch_threads, write_table
 
 N_CLASSES = 10
+DEFAULTS = dict(n_images=5)
+QUICK = dict(n_images=3)
 
 
 def parse_args(argv=None):
-    parser = base_parser(__doc__.strip().splitlines()[0], default_out="figures/demo")
-    parser.add_argument("--model", default=None,
-                        help="state_dict of the paper's MNIST ConvNet; bounds it on MNIST test images too")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory holding mnist/ (default: $POLYTOPE_LAB_DATA, else ~/.cache/polytope_lab)")
-    parser.add_argument("--n-images", type=int, default=5, help="inputs to bound per model")
+    parser = ExperimentParser(__doc__.strip().splitlines()[0], out="figures/demo", defaults=DEFAULTS, quick=QUICK,
+                              model_help="state_dict of the paper's MNIST ConvNet; bounds it on MNIST test images too")
+    parser.setting("--n-images", type=int, help="inputs to bound per model")
     parser.add_argument("--eps", type=float, default=None,
                         help="L∞ radius (default: 0.02 for the random MLP, 0.1 for the MNIST ConvNet)")
     parser.add_argument("--methods", nargs="*", default=None,
@@ -38,14 +36,13 @@ def parse_args(argv=None):
 
 
 def bounders(names, device):
-    """(label, Bounder) for every backend in ``names``, plus the dual with optimised α."""
+    """(label, Bounder) for every backend in ``names`` (every backend takes ``device``), plus the dual with
+    optimised α."""
     out = []
     for name in names:
-        cls = pl.Bounder.registry[name]
-        options = {"device": device} if "device" in inspect.signature(cls.__init__).parameters else {}
-        out.append(pl.Bounder.create(name, **options))
+        out.append(pl.Bounder.create(name, device=device))
         if name == "dual":
-            out.append(pl.Bounder.create("dual", alpha="optimized", **options))
+            out.append(pl.Bounder.create("dual", alpha="optimized", device=device))
     return out
 
 
@@ -69,13 +66,18 @@ def run_model(label, model, X, y, eps, methods, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args)
+
+
+def run(args):
     torch.manual_seed(args.seed)
     names = args.methods if args.methods else pl.Bounder.available()
     unknown = sorted(set(names) - set(pl.Bounder.available()))
     if unknown:
         raise SystemExit(f"unknown backend(s) {unknown}; available: {pl.Bounder.available()}")
     methods = bounders(names, args.device)
-    n = 3 if args.quick else args.n_images
+    n = args.n_images
 
     # a random MLP on random inputs in [0, 1]^20, labelled by its own predictions
     net = models.mlp([20, 50, 50, N_CLASSES]).eval()
@@ -92,6 +94,7 @@ def main(argv=None):
 
     df = pd.DataFrame(rows)
     paths = write_table(df, args.out, "demo")
+    record_rows(args.out, "demo", rows, key=["model", "method"])
     print(to_markdown(df))
     print("wrote " + ", ".join(str(p) for p in paths))
     return df

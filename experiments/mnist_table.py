@@ -24,9 +24,10 @@ to fit a CPU, intermediate bounds estimated with ``--proj`` 50 random projection
 reported error uses exact bounds; ``--paper`` trains exactly). PGD training: ``--pgd-train-steps`` sign
 steps of 2.5·ε/steps from a random start (10 by default; Madry et al.'s 40 with ``--paper``).
 
-Written as it goes under ``--out``: each finished (model, column) cell to ``cells.json`` (keyed by a hash
-of everything it depends on; a rerun skips cells whose key matches), each MILP image to ``milp/`` (an image PGD already breaks is a verified counterexample and skips
-the solver unless ``--milp-every-image``), the
+Written as it goes under ``--out``, into the result store ``results.sqlite``: each finished (model, column)
+cell (table ``cells``, with a hash of everything it depends on; a rerun skips cells whose hash matches) and
+each MILP image (table ``milp_images``; also exported to ``milp/<model>-<hash>.csv``; an image PGD already
+breaks is a verified counterexample and skips the solver unless ``--milp-every-image``); the
 per-epoch training logs to ``logs/<model>.csv``, training checkpoints to ``checkpoints/`` (an interrupted
 training resumes). Then ``table.csv``, ``table.md`` (with notes) and ``table.json`` (settings, checks).
 """
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -42,12 +42,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 import polytope_lab as pl
-from polytope_lab import data, models, training
+from polytope_lab import data, evaluation, models, training
 
-from ._common import base_parser, machine_load, to_markdown, write_table
+from .cli import ExperimentParser, command, machine_load, result_store, to_markdown, torch_threads, write_table
 
 CLIP = (0.0, 1.0)
 FULL_TEST = 10_000
@@ -63,11 +62,24 @@ PUBLISHED = {
 }
 SETTLED = ("certified", "counterexample")
 SECONDS = {"clean": "clean s", "fgsm": "FGSM s", "pgd": "PGD s", "bound": "bound s", "milp": "MILP s"}
+MILP_COLUMNS = ["image", "label", "pgd_error", "bound_error", "status", "by", "seconds", "margin",
+                "counterexample_margin"]
+DEFAULTS = dict(eps=0.1, train_size=60_000, epochs=4, warmup_epochs=1, batch_size=50, lr=1e-3, pgd_train_steps=10,
+                proj=50, test_size=FULL_TEST, eval_batch=50, attack_batch=500, pgd_steps=100, pgd_step_size=0.001,
+                milp_samples=100, milp_time_limit=2.0)
+QUICK = dict(train_size=500, epochs=1, test_size=100, milp_samples=3, milp_time_limit=1.0)
+#: --paper: the paper's training (the seed code trains at a fixed ε, exactly, Madry et al.'s 40 PGD steps)
+PAPER = dict(train_size=60_000, epochs=20, warmup_epochs=0, proj=0, pgd_train_steps=40)
 
 
 def parse_args(argv=None):
-    parser = base_parser(__doc__.strip().splitlines()[0], default_out="figures/mnist_table")
-    parser.add_argument("--eps", type=float, default=0.1, help="L∞ radius for training and evaluation")
+    parser = ExperimentParser(__doc__.strip().splitlines()[0], out="figures/mnist_table", defaults=DEFAULTS,
+                              quick=QUICK,
+                              model_help="a state_dict of the paper's ConvNet to evaluate: short for --checkpoint "
+                                         "<file stem>=PATH")
+    parser.preset("--paper", PAPER, help="the paper's training: all 60,000 images, 20 epochs, no warm-up, exact "
+                                         "robust training, 40-step PGD training (GPU recommended)")
+    parser.setting("--eps", type=float, help="L∞ radius for training and evaluation")
     parser.add_argument("--clip", action="store_true",
                         help="intersect the ball with [0, 1] for training, FGSM, PGD and the bound (MILP always is)")
     parser.add_argument("--models", default=",".join(MODES),
@@ -75,46 +87,32 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                         help="evaluate the state_dict at PATH as model NAME (repeatable); a NAME from --models "
                              "is loaded instead of trained")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory holding mnist/ (default: $POLYTOPE_LAB_DATA, else ~/.cache/polytope_lab)")
-    parser.add_argument("--train-size", type=int, default=60_000, help="first N training images")
-    parser.add_argument("--epochs", type=int, default=4, help="training epochs")
-    parser.add_argument("--warmup-epochs", type=int, default=None,
-                        help="robust and PGD training: epochs of linear ε warm-up (default 1; 0 with --paper)")
-    parser.add_argument("--batch-size", type=int, default=50, help="training batch size")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--pgd-train-steps", type=int, default=10,
-                        help="PGD training: attack steps of 2.5·ε/steps (Madry et al.: 40, the --paper value)")
-    parser.add_argument("--proj", type=int, default=50,
-                        help="robust training: random projections for the intermediate bounds (0: exact)")
-    parser.add_argument("--test-size", type=int, default=FULL_TEST, help="first N test images")
-    parser.add_argument("--eval-batch", type=int, default=50, help="images per bound batch")
-    parser.add_argument("--attack-batch", type=int, default=500, help="images per FGSM / PGD batch")
-    parser.add_argument("--pgd-steps", type=int, default=100, help="PGD evaluation steps")
-    parser.add_argument("--pgd-step-size", type=float, default=0.001, help="PGD evaluation step size")
-    parser.add_argument("--milp-samples", type=int, default=100, help="first N test images for the MILP")
+    parser.setting("--train-size", type=int, help="first N training images")
+    parser.setting("--epochs", type=int, help="training epochs")
+    parser.setting("--warmup-epochs", type=int, help="robust and PGD training: epochs of linear ε warm-up")
+    parser.setting("--batch-size", type=int, help="training batch size")
+    parser.setting("--lr", type=float, help="Adam learning rate")
+    parser.setting("--pgd-train-steps", type=int, help="PGD training: attack steps of 2.5·ε/steps")
+    parser.setting("--proj", type=int,
+                   help="robust training: random projections for the intermediate bounds (0: exact)")
+    parser.setting("--test-size", type=int, help="first N test images")
+    parser.setting("--eval-batch", type=int, help="images per bound batch")
+    parser.setting("--attack-batch", type=int, help="images per FGSM / PGD batch")
+    parser.setting("--pgd-steps", type=int, help="PGD evaluation steps")
+    parser.setting("--pgd-step-size", type=float, help="PGD evaluation step size")
+    parser.setting("--milp-samples", type=int, help="first N test images for the MILP")
     parser.add_argument("--milp-every-image", action="store_true",
                         help="run the MILP also on images PGD already breaks (a soundness cross-check; slower)")
-    parser.add_argument("--milp-time-limit", type=float, default=2.0,
-                        help="seconds per MILP solve (one margin; an image solves at most 9)")
-    parser.add_argument("--paper", action="store_true",
-                        help="the paper's training: all 60,000 images, 20 epochs, no warm-up, exact robust "
-                             "training, 40-step PGD training (GPU recommended)")
+    parser.setting("--milp-time-limit", type=float,
+                   help="MILP seconds per image (all its margins together)")
     args = parser.parse_args(argv)
-    if args.paper:
-        args.train_size, args.epochs, args.proj, args.pgd_train_steps = 60_000, 20, 0, 40
-    if args.warmup_epochs is None:
-        args.warmup_epochs = 0 if args.paper else 1
-    if args.quick:
-        args.train_size, args.epochs, args.test_size = 500, 1, 100
-        args.milp_samples, args.milp_time_limit = min(args.milp_samples, 3), min(args.milp_time_limit, 1.0)
     names = [] if args.models.strip().lower() in ("", "none") else [m.strip() for m in args.models.split(",")]
     unknown = [m for m in names if m not in MODES]
     if unknown:
         parser.error(f"--models takes a comma-separated subset of {','.join(MODES)} (or 'none'), got {unknown}")
     args.models = [m for m in MODES if m in names]
     checkpoints = {}
-    for item in args.checkpoint:
+    for item in args.checkpoint + ([f"{Path(args.model).stem}={args.model}"] if args.model else []):
         name, sep, path = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path:
             parser.error(f"--checkpoint takes NAME=PATH with NAME of letters, digits, '_', '-', '.'; got {item!r}")
@@ -146,22 +144,10 @@ def key_of(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class Cells:
-    """The finished (model, column) cells in ``<out>/cells.json``, rewritten atomically after each one."""
-
-    def __init__(self, out: Path):
-        self.path = out / "cells.json"
-        self.cells = json.loads(self.path.read_text())["cells"] if self.path.is_file() else []
-
-    def get(self, model, column, key):
-        return next((c for c in self.cells if (c["model"], c["column"], c["key"]) == (model, column, key)), None)
-
-    def put(self, cell: dict) -> None:
-        self.cells = [c for c in self.cells if (c["model"], c["column"]) != (cell["model"], cell["column"])]
-        self.cells.append(cell)
-        tmp = self.path.with_suffix(".json.part")
-        tmp.write_text(json.dumps({"cells": self.cells}, indent=1))
-        os.replace(tmp, self.path)
+def stored_cell(store, model: str, column: str, key: str):
+    """The finished cell of (model, column) in ``store`` if it was made under ``key``, else None."""
+    cell = store.get((model, column))
+    return cell if cell is not None and cell["key"] == key else None
 
 
 def model_specs(args) -> dict:
@@ -199,40 +185,24 @@ def get_model(name, spec, args, train_data):
 # ------------------------------------------------------------------------------------------ the columns
 
 
-def _batches(n, size):
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _wrong(model, X, y) -> torch.Tensor:
-    with torch.no_grad():
-        return model(X).reshape(len(X), -1).argmax(1) != y
-
-
 def errors(model, X, y, column, args, clip) -> torch.Tensor:
     """(N,) bool: image counted as an error in ``column`` ("clean", "fgsm", "pgd" or "bound")."""
-    flags = []
-    dual = pl.Bounder.create("dual") if column == "bound" else None
-    size = args.eval_batch if column == "bound" else args.attack_batch
-    for s in tqdm(_batches(len(X), size), desc=column, leave=False, disable=None):
-        xb, yb = X[s], y[s]
-        if column == "bound":
-            with torch.no_grad():
-                C = pl.margin_matrix(yb.cpu(), N_CLASSES).to(xb)
-                flags.append(~dual.bound(model, pl.LinfBall(xb, args.eps, clip=clip), C).certified)
-            continue
-        wrong = _wrong(model, xb, yb)
-        if column == "fgsm":
-            wrong = wrong | pl.fgsm(model, xb, yb, args.eps, clip=clip)[1]
-        elif column == "pgd":
-            wrong = wrong | pl.pgd(model, xb, yb, args.eps, steps=args.pgd_steps, step_size=args.pgd_step_size,
-                                   random_start=False, clip=clip)[1]
-        flags.append(wrong)
-    return torch.cat(flags).cpu()
+    progress, eps, batch = sys.stderr.isatty(), args.eps, args.attack_batch
+    if column == "clean":
+        return evaluation.clean_errors(model, X, y, batch_size=batch, progress=progress)
+    if column == "fgsm":
+        return evaluation.attack_errors(model, X, y, eps, "fgsm", clip=clip, batch_size=batch, progress=progress)
+    if column == "pgd":
+        return evaluation.attack_errors(model, X, y, eps, "pgd", clip=clip, batch_size=batch, progress=progress,
+                                        steps=args.pgd_steps, step_size=args.pgd_step_size, random_start=False)
+    return evaluation.robust_errors(model, X, y, eps, clip=clip, n_classes=N_CLASSES, batch_size=args.eval_batch,
+                                    progress=progress)
 
 
-def milp_column(model, X, y, args, path: Path) -> dict:
-    """MILP verdicts on the first ``--milp-samples`` images (rows appended to ``path``, kept on a rerun),
-    with PGD and the dual bound on the same images over the same region (ball ∩ [0, 1])."""
+def milp_column(model, X, y, args, name: str, key: str, store) -> dict:
+    """MILP verdicts on the first ``--milp-samples`` images (each stored in ``store`` under ``(name, key,
+    image)`` as it is made, kept on a rerun; exported to ``milp/<name>-<key>.csv``), with PGD and the dual
+    bound on the same images over the same region (ball ∩ [0, 1])."""
     n = args.milp_samples
     model = model.cpu()
     X, y = X[:n].cpu(), y[:n].cpu()
@@ -240,22 +210,14 @@ def milp_column(model, X, y, args, path: Path) -> dict:
     pgd_wrong = errors(model, X, y, "pgd", args, CLIP)
     dual_open = errors(model, X, y, "bound", args, CLIP)
     side_seconds = time.perf_counter() - started
-    done = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["image"])
     bounder = pl.Bounder.create("milp", time_limit=args.milp_time_limit, threads=1)
-    for i in tqdm(range(n), desc="MILP", leave=False, disable=None):
-        if i in set(done["image"]):
-            continue
-        row = {"image": i, "label": int(y[i]), "pgd_error": bool(pgd_wrong[i]), "bound_error": bool(dual_open[i])}
-        if pgd_wrong[i] and not args.milp_every_image:   # PGD's point in ball ∩ [0, 1] is misclassified
-            row.update(status="counterexample", by="pgd", seconds=0.0, lower=float("nan"),
-                       witness_margin=float("nan"))
-        else:
-            start = time.perf_counter()
-            cert = bounder.certify(model, pl.LinfBall(X[i:i + 1], args.eps, clip=CLIP), y[i:i + 1])
-            row.update(status=cert.status[0], by="milp", seconds=time.perf_counter() - start,
-                       lower=float(cert.lower[0]), witness_margin=float(cert.witness_margin[0]))
-        pd.DataFrame([row]).to_csv(path, mode="a", header=not path.is_file(), index=False)
-        done = pd.concat([done, pd.DataFrame([row])], ignore_index=True) if len(done) else pd.DataFrame([row])
+    # PGD's point in ball ∩ [0, 1] is misclassified: a verified counterexample, no solve
+    known = {} if args.milp_every_image else {i: {"by": "pgd"} for i in range(n) if pgd_wrong[i]}
+    records = evaluation.certify_each(bounder, model, X, y, args.eps, clip=CLIP, store=store, prefix=(name, key),
+                                      known=known, progress=sys.stderr.isatty())
+    done = pd.DataFrame([{**r, "pgd_error": bool(pgd_wrong[r["image"]]), "bound_error": bool(dual_open[r["image"]]),
+                          "by": r.get("by", "milp")} for r in records], columns=MILP_COLUMNS)
+    done.to_csv(Path(args.out) / "milp" / f"{name}-{key}.csv", index=False)
     t = done[done["image"] < n]
     status = t["status"]
     refuted, settled = int((status == "counterexample").sum()), int(status.isin(SETTLED).sum())
@@ -325,7 +287,7 @@ def notes(args, milp_ok) -> list:
         f"itself is misclassified. PGD: {PGD_EVAL} (the highest-loss iterate is kept).",
         "Bound: the dual bound (Bounder 'dual', fixed α); an image counts unless every margin e_y − e_j "
         "is certified.",
-        f"MILP: MILPBounder.certify (HiGHS, 1 thread, {args.milp_time_limit:g} s per margin solve) on the first "
+        f"MILP: MILPBounder.certify (HiGHS, 1 thread, {args.milp_time_limit:g} s per image) on the first "
         f"{args.milp_samples} images over the ball ∩ [0,1]; 'exact err' counts verified counterexamples, "
         "'upper' adds the images not settled in time; PGD and the bound are rerun there on ball ∩ [0,1]"
         + ("." if args.milp_every_image else "; an image PGD breaks there counts as a verified counterexample "
@@ -359,19 +321,19 @@ def cell_keys(spec, args, clip) -> dict:
                  "every_image": args.milp_every_image}}.items()}
 
 
-def model_cells(name, model, keys, X, y, args, store: Cells, milp_ok) -> dict:
+def model_cells(name, model, keys, X, y, args, store, milp_store, milp_ok) -> dict:
     """{column: cell}: the stored cell when its key matches, else computed and stored (None: MILP skipped)."""
     clip = CLIP if args.clip else None
     cells = {}
     for column, key in keys.items():
-        cell = store.get(name, column, key)
+        cell = stored_cell(store, name, column, key)
         if cell is None and column == "milp" and (not milp_ok or args.milp_samples == 0):
             cells[column] = None
             continue
         if cell is None:
             start = time.perf_counter()
             if column == "milp":
-                cell = milp_column(model, X, y, args, Path(args.out) / "milp" / f"{name}-{key}.csv")
+                cell = milp_column(model, X, y, args, name, key, milp_store)
                 model.to(args.device)
                 what = f"{cell['refuted']}/{cell['n']} refuted, {cell['open']} open"
             else:
@@ -380,7 +342,7 @@ def model_cells(name, model, keys, X, y, args, store: Cells, milp_ok) -> dict:
                 what = f"{cell['errors']}/{cell['n']} errors"
             region = "none" if column == "clean" else region_name(column == "milp" or args.clip)
             cell.update(model=name, column=column, key=key, region=region, load=machine_load()["loadavg_1min"])
-            store.put(cell)
+            store.put((name, column), cell)
             print(f"[{name}] {column}: {what} ({cell['seconds']:.1f} s)", flush=True)
         cells[column] = cell
     return cells
@@ -388,6 +350,11 @@ def model_cells(name, model, keys, X, y, args, store: Cells, milp_ok) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args, argv)
+
+
+def run(args, argv):
     out = Path(args.out)
     (out / "milp").mkdir(parents=True, exist_ok=True)
     started, load_start = time.perf_counter(), machine_load()
@@ -401,7 +368,7 @@ def main(argv=None):
             train_cache["xy"] = data.mnist("train", root=args.data_dir)
         return train_cache["xy"]
 
-    store, specs = Cells(out), model_specs(args)
+    store, milp_store, specs = result_store(out, "cells"), result_store(out, "milp_images"), model_specs(args)
     rows, all_checks, logs, statuses, loads = [], {}, {}, {}, {}
     for name, spec in specs.items():
         model, log = get_model(name, spec, args, train_data)
@@ -410,13 +377,15 @@ def main(argv=None):
             logs[name] = [round(s, 2) for s in log["seconds"]]
             print(f"[{name}] trained: {len(log)} epoch(s), s/epoch {logs[name]}", flush=True)
         cells = model_cells(name, model, cell_keys(spec, args, CLIP if args.clip else None), X, y, args, store,
-                            milp_ok)
+                            milp_store, milp_ok)
         rows.append(table_row(name, spec, log, cells, args))
         all_checks[name] = checks(cells)
         statuses[name] = None if cells["milp"] is None else cells["milp"]["statuses"]
         loads[name] = {column: cell.get("load") for column, cell in cells.items() if cell is not None}
+    store.close()
+    milp_store.close()
     df = pd.DataFrame(rows)
-    meta = {"command": "python -m experiments.mnist_table " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = {"command": command("mnist_table", argv),
             "eps": args.eps, "clip": args.clip, "test_size": args.test_size, "seed": args.seed,
             "quick": args.quick, "paper": args.paper, "models": specs,
             "pgd_eval": {"steps": args.pgd_steps, "step_size": args.pgd_step_size, "random_start": False,
@@ -425,7 +394,7 @@ def main(argv=None):
             "training": {"train_size": args.train_size, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
                          "batch_size": args.batch_size, "lr": args.lr, "seconds_per_epoch": logs},
             "milp": {"available": milp_ok, "samples": args.milp_samples, "solver": "HIGHS, 1 thread",
-                     "time_limit_per_solve": args.milp_time_limit, "region": "ball ∩ [0, 1]", "statuses": statuses},
+                     "time_limit_per_image": args.milp_time_limit, "region": "ball ∩ [0, 1]", "statuses": statuses},
             "checks": all_checks, "published_percent_clean_fgsm_pgd_bound": PUBLISHED,
             "device": args.device, "torch": torch.__version__,
             "seconds_this_run": round(time.perf_counter() - started, 1),

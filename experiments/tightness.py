@@ -27,8 +27,9 @@ observed, not guaranteed. In part B: every sound "certified" must agree with the
 
 Outputs in ``--out``: ``random_net.csv/.md/.json`` (part A), ``mnist_images.csv`` (part B per image),
 ``mnist.csv/.md/.json`` (part B summary), ``random_net.png``, ``mnist_certified.png``, the MLP's
-checkpoint and training log, ``settings.json``. Rows are appended as they are computed; a rerun skips
-rows already there (``--overwrite`` recomputes). ``--budget`` caps the seconds spent per (network, ε,
+checkpoint and training log, ``settings.json``. Rows go to the result store (``results.sqlite``, tables
+``random_net`` and ``mnist_images``) as they are computed; a rerun skips rows already there (``--overwrite``
+recomputes). ``--budget`` caps the seconds spent per (network, ε,
 method) in part B: images after it are skipped and the table's ``images`` column says how many ran. An
 LP solve that hits ``--lp-time-limit`` keeps the dual's bound for that row (status "user_limit"), and the
 LP's remaining images at that and larger ε are skipped (on the ConvNet at ε = 0.25 the LP of one image
@@ -47,14 +48,13 @@ import matplotlib.patches
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
 import polytope_lab as pl
-from polytope_lab import data, models, polytopes, training
-from polytope_lab.bounds import CROSS_CHECK_METHODS
+from polytope_lab import checks, data, models, polytopes
 
-from ._common import base_parser, to_markdown, write_table
+from .cli import ExperimentParser, result_store, to_markdown, torch_threads, write_table
+from .trained import robust_mlp
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -64,6 +64,7 @@ METHODS = ["interval", "dual", "dual-optimized", "lp", "milp"]
 BATCHED = {"interval", "dual", "dual-optimized"}  # run on all images at once (solvers: one image per call)
 CLIP = (0.0, 1.0)
 EXACT = ("optimal", "certified", "counterexample")  # solver statuses of an exact answer
+TIME_LIMIT = ("time_limit", "user_limit")           # an LP stopped at --lp-time-limit
 N_CLASSES = 10
 A_COLUMNS = ["eps", "coordinate", "method", "lower", "upper", "width", "width / true width", "seconds", "status",
              "check"]
@@ -81,39 +82,30 @@ MARKERS = {"interval": dict(marker="s", ms=7), "dual": dict(marker="o", ms=11, m
 DEFAULTS = dict(sizes=[2, 100, 100, 100, 100, 2], grid=401, samples=20, mlp_sizes=[784, 100, 100, 10],
                 mlp_images=10_000, mlp_epochs=2, mlp_eps=0.1, mlp_warmup=1, budget=600.0, milp_time_limit=60.0,
                 lp_time_limit=5.0)
-QUICK = dict(DEFAULTS, sizes=[2, 20, 20, 20, 2], grid=101, samples=3, mlp_sizes=[784, 20, 10], mlp_images=2000,
+QUICK = dict(sizes=[2, 20, 20, 20, 2], grid=101, samples=3, mlp_sizes=[784, 20, 10], mlp_images=2000,
              mlp_epochs=1, budget=30.0, milp_time_limit=10.0, lp_time_limit=2.0)
 
 
 def parse_args(argv=None):
-    parser = base_parser(__doc__.strip().splitlines()[0], default_out="figures/tightness")
+    parser = ExperimentParser(__doc__.strip().splitlines()[0], out="figures/tightness", defaults=DEFAULTS,
+                              quick=QUICK, model_help="state_dict of the paper's MNIST ConvNet (part B)")
     parser.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.1, 0.25], help="L∞ radii")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="backends to run")
-    parser.add_argument("--model", default=None, help="state_dict of the paper's MNIST ConvNet (part B)")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory holding mnist/ (default: $POLYTOPE_LAB_DATA, else ~/.cache/polytope_lab)")
     parser.add_argument("--parts", default="AB", help="which parts to run: A, B or AB")
-    parser.add_argument("--samples", type=int, default=None,
-                        help=f"MNIST test images per (network, ε) (default {DEFAULTS['samples']}, quick {QUICK['samples']})")
+    parser.setting("--samples", type=int, help="MNIST test images per (network, ε)")
     parser.add_argument("--milp-mode", choices=["certify", "bound"], default="certify",
                         help="part B: MILP sign decisions only (fast), or exact margins")
-    parser.add_argument("--milp-time-limit", type=float, default=None,
-                        help=f"seconds per MILP solve (default {DEFAULTS['milp_time_limit']})")
-    parser.add_argument("--lp-time-limit", type=float, default=None,
-                        help=f"seconds per LP solve; a row that hits it keeps the dual's bound "
-                             f"(default {DEFAULTS['lp_time_limit']})")
-    parser.add_argument("--budget", type=float, default=None,
-                        help=f"part B: seconds per (network, ε, method) before its remaining images are "
-                             f"skipped (default {DEFAULTS['budget']})")
-    parser.add_argument("--mlp-epochs", type=int, default=None,
-                        help=f"epochs of provable training of the MLP (default {DEFAULTS['mlp_epochs']})")
-    parser.add_argument("--tol", type=float, default=1e-5, help="relative tolerance of the containment checks")
+    parser.setting("--milp-time-limit", type=float, help="MILP seconds per example (all its rows together)")
+    parser.setting("--lp-time-limit", type=float,
+                   help="seconds per LP solve; a row that hits it keeps the dual's bound")
+    parser.setting("--budget", type=float,
+                   help="part B: seconds per (network, ε, method) before its remaining images are skipped")
+    parser.setting("--mlp-epochs", type=int, help="epochs of provable training of the MLP")
+    parser.add_argument("--tol", type=float, default=1e-5,
+                        help="relative tolerance of the containment checks (polytope_lab.checks.slack)")
     parser.add_argument("--overwrite", action="store_true", help="recompute rows already in --out")
     args = parser.parse_args(argv)
-    cfg = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("samples", "milp_time_limit", "lp_time_limit", "budget", "mlp_epochs"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
+    cfg = {key: getattr(args, key) for key in DEFAULTS}
     if min(args.eps) <= 0 or cfg["samples"] < 1 or cfg["mlp_epochs"] < 1 or cfg["budget"] <= 0:
         parser.error("every ε must be > 0, --samples and --mlp-epochs ≥ 1, --budget > 0")
     if not set(args.parts.upper()) <= {"A", "B"} or not args.parts:
@@ -124,34 +116,13 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# plumbing: resumable CSV of rows, bounders, settings
+# plumbing: bounders, settings
 # --------------------------------------------------------------------------------------------------
-
-
-class Rows:
-    """A CSV of result rows, appended as they come; ``done(key)`` tells a resumed run what to skip."""
-
-    def __init__(self, path: Path, columns: list, key: list):
-        self.path, self.columns, self.key = path, columns, key
-        self.df = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=columns)
-        self.keys = {self._key(r) for r in self.df.to_dict("records")}
-
-    def _key(self, row) -> tuple:
-        return tuple(round(v, 12) if isinstance(v, float) else v for v in (row[k] for k in self.key))
-
-    def done(self, **key) -> bool:
-        return self._key(key) in self.keys
-
-    def append(self, row: dict) -> None:
-        new = pd.DataFrame([row]).reindex(columns=self.columns)
-        new.to_csv(self.path, mode="a", header=not self.path.is_file(), index=False)
-        self.df = new if self.df.empty else pd.concat([self.df, new], ignore_index=True)
-        self.keys.add(self._key(row))
 
 
 def make_bounder(label: str, args, cfg):
     """The backend behind a method label (as in ``pl.cross_check``), with this run's device and limits."""
-    name, options = CROSS_CHECK_METHODS[label]
+    name, options = checks.CROSS_CHECK_METHODS[label]
     options = dict(options)
     if name == "dual":
         options["device"] = args.device
@@ -185,29 +156,14 @@ def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def slack(outer_lo, outer_hi, inner_lo, inner_hi, tol):
-    """How far ``[outer_lo, outer_hi]`` fails to contain ``[inner_lo, inner_hi]`` beyond the relative ``tol``
-    (≤ 0: it contains it). NaN bounds (a side not computed) are ignored."""
-    gaps = [outer_lo - inner_lo - tol * max(1.0, abs(inner_lo)), inner_hi - outer_hi - tol * max(1.0, abs(inner_hi))]
-    gaps = [g for g in gaps if not math.isnan(g)]
-    return max(gaps) if gaps else -math.inf
-
-
 # --------------------------------------------------------------------------------------------------
 # part A: the random 2-D network
 # --------------------------------------------------------------------------------------------------
 
 
-def random_network(sizes, seed: int):
-    """The paper's random network (float64) and a centre x₀ ~ U[0, 1]^n0, both from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    net = models.random_mlp(sizes, g)
-    return net, torch.rand(1, sizes[0], generator=g, dtype=torch.float64)
-
-
 def part_a(args, cfg, out: Path) -> pd.DataFrame:
-    net, x0 = random_network(cfg["sizes"], args.seed)
-    rows = Rows(out / "random_net.csv", A_COLUMNS, ["eps", "coordinate", "method"])
+    net, x0 = models.random_network(cfg["sizes"], args.seed)
+    store = result_store(out, "random_net")                                 # key: (ε, coordinate, method)
     bounders = {m: make_bounder(m, args, cfg) for m in args.methods}
     n_out, warmed = cfg["sizes"][-1], set()
     for eps in tqdm(args.eps, desc="A: random net"):
@@ -215,24 +171,25 @@ def part_a(args, cfg, out: Path) -> pd.DataFrame:
         for j in range(1, n_out + 1):
             C = torch.eye(n_out, dtype=torch.float64)[j - 1:j]                      # (1, n_out): e_j
             for label in args.methods:
-                if rows.done(eps=eps, coordinate=j, method=label):
+                if (eps, j, label) in store:
                     continue
                 warm_up(label, bounders[label], net, region, C, warmed)
                 b = bounders[label].bound(net, region, C)
                 lo, hi = b.lower[0, 0].item(), b.upper[0, 0].item()
-                rows.append({"eps": eps, "coordinate": j, "method": label, "lower": lo, "upper": hi,
-                             "width": hi - lo, "seconds": b.seconds, "status": b.status[0]})
-            if not rows.done(eps=eps, coordinate=j, method="grid"):
+                store.put((eps, j, label), {"eps": eps, "coordinate": j, "method": label, "lower": lo, "upper": hi,
+                                            "width": hi - lo, "seconds": b.seconds, "status": b.status[0]})
+            if (eps, j, "grid") not in store:
                 start = time.perf_counter()
                 _, outputs, _ = polytopes.image_of_box(net, region, cfg["grid"])     # (n², n_out)
                 lo, hi = float(outputs[:, j - 1].min()), float(outputs[:, j - 1].max())
-                rows.append({"eps": eps, "coordinate": j, "method": "grid", "lower": lo, "upper": hi,
-                             "width": hi - lo, "seconds": time.perf_counter() - start,
-                             "status": f"attained on a {cfg['grid']}² grid"})
-        table = finish_a(rows.df, args.eps, args.tol)
+                store.put((eps, j, "grid"), {"eps": eps, "coordinate": j, "method": "grid", "lower": lo, "upper": hi,
+                                             "width": hi - lo, "seconds": time.perf_counter() - start,
+                                             "status": f"attained on a {cfg['grid']}² grid"})
+        table = finish_a(store.frame(A_COLUMNS), args.eps, args.tol)
         write_table(table, out, "random_net", json_too=True,
                     meta={"sizes": cfg["sizes"], "x0": x0[0].tolist(), "seed": args.seed, "grid": cfg["grid"],
                           "milp_time_limit": cfg["milp_time_limit"], "lp_time_limit": cfg["lp_time_limit"]})
+    store.close()
     plot_a(table, net, x0, cfg, out / "random_net.png")
     return table
 
@@ -264,7 +221,8 @@ def check_a(method: str, by: pd.DataFrame, order: list, tol: float) -> str:
         refs = refs[1:]                                    # a time-limited MILP gives no exact range
     problems = []
     for ref in refs:
-        gap = slack(by.loc[method, "lower"], by.loc[method, "upper"], by.loc[ref, "lower"], by.loc[ref, "upper"], tol)
+        gap = checks.containment_gap(by.loc[method, "lower"], by.loc[method, "upper"], by.loc[ref, "lower"],
+                                     by.loc[ref, "upper"], tol)
         if gap > 0:
             problems.append(f"does not contain {ref} (by {gap:.3g})")
     return "; ".join(problems) or ("ok ⊇ " + ", ".join(refs) if refs else "ok")
@@ -330,14 +288,11 @@ def trained_mlp(X_train, y_train, args, cfg, out: Path):
     """The MLP trained with the provable objective at ``mlp_eps`` (ε warm-up over ``mlp_warmup`` epochs) on
     the first ``mlp_images`` training images; checkpointed in ``out``, so a rerun resumes or reuses it."""
     n, epochs = cfg["mlp_images"], cfg["mlp_epochs"]
-    torch.manual_seed(args.seed)                                  # the initial weights
-    net = nn.Sequential(nn.Flatten(), *models.mlp(cfg["mlp_sizes"]))
     directory = out / f"mlp_{'-'.join(map(str, cfg['mlp_sizes']))}_{n}_images_{epochs}_epochs"
-    log = training.train(net, X_train[:n], y_train[:n], mode="robust", eps=cfg["mlp_eps"], epochs=epochs,
-                         warmup_epochs=min(cfg["mlp_warmup"], epochs), clip=CLIP, seed=args.seed,
-                         checkpoint_dir=directory, log_path=directory / "training_log.csv",
-                         resume=not args.overwrite, architecture={"name": "flatten+mlp", "sizes": cfg["mlp_sizes"]})
-    return net, log
+    return robust_mlp(X_train[:n], y_train[:n], cfg["mlp_sizes"], eps=cfg["mlp_eps"], epochs=epochs,
+                      directory=directory, seed=args.seed, warmup_epochs=cfg["mlp_warmup"], clip=CLIP,
+                      flatten_layer=True, resume=not args.overwrite, log_path=directory / "training_log.csv",
+                      progress=True)
 
 
 def networks(args, cfg, out: Path):
@@ -384,22 +339,23 @@ def part_b(args, cfg, out: Path):
     if not nets:
         return pd.DataFrame(columns=B_COLUMNS), notes
     X, y = test
-    rows = Rows(out / "mnist_images.csv", IMAGE_COLUMNS, ["network", "eps", "method", "image"])
+    store = result_store(out, "mnist_images")                        # key: (network, ε, method, image)
     bounders = {m: make_bounder(m, args, cfg) for m in args.methods}
     tasks = [(name, eps, m) for name in nets for eps in sorted(args.eps) for m in args.methods]  # ε ascending: see lp
     warmed = set()
     for name, eps, label in tqdm(tasks, desc="B: MNIST"):
-        spent = rows.df[(rows.df["network"] == name) & (rows.df["eps"].round(12) == round(eps, 12))
-                        & (rows.df["method"] == label)]["seconds"].sum()
-        todo = [i for i in range(len(X)) if not rows.done(network=name, eps=eps, method=label, image=i)]
+        df = store.frame(IMAGE_COLUMNS)
+        spent = df[(df["network"] == name) & (df["eps"].round(12) == round(eps, 12))
+                   & (df["method"] == label)]["seconds"].sum()
+        todo = [i for i in range(len(X)) if (name, eps, label, i) not in store]
         chunks = [todo] if label in BATCHED else [[i] for i in todo]
         for chunk in tqdm([c for c in chunks if c], desc=f"{label}, ε={eps:g}", leave=False):
-            if label == "lp" and lp_timed_out(rows.df, name, eps):
+            if label == "lp" and lp_timed_out(store.frame(IMAGE_COLUMNS), name, eps):
                 notes.append(f"{name}, ε={eps:g}, lp: an LP solve hit --lp-time-limit at this or a smaller ε; "
                              f"the remaining images are skipped (the LP only grows with ε)")
                 break
             if spent >= cfg["budget"]:
-                done = sum(rows.done(network=name, eps=eps, method=label, image=i) for i in range(len(X)))
+                done = sum((name, eps, label, i) in store for i in range(len(X)))
                 notes.append(f"{name}, ε={eps:g}, {label}: budget of {cfg['budget']:g} s spent after "
                              f"{done} of {len(X)} images")
                 break
@@ -408,23 +364,27 @@ def part_b(args, cfg, out: Path):
                     pl.margin_matrix(y[idx[:1]], N_CLASSES), warmed, key=name)
             results = bound_images(label, bounders[label], nets[name], X[idx], y[idx], eps, args.milp_mode)
             for i, (margin, cert, status, seconds) in zip(chunk, results):
-                rows.append({"network": name, "eps": eps, "method": label, "image": i, "label": int(y[i]),
-                             "margin lower bound": margin, "certified": bool(cert), "status": status,
-                             "seconds": seconds})
+                store.put((name, eps, label, i), {"network": name, "eps": eps, "method": label, "image": i,
+                                                  "label": int(y[i]), "margin lower bound": margin,
+                                                  "certified": bool(cert), "status": status, "seconds": seconds})
                 spent += seconds
-        summary = summarise(rows.df, list(nets), args.eps, args.methods, len(X), args.tol)
+        df = store.frame(IMAGE_COLUMNS)
+        df.to_csv(out / "mnist_images.csv", index=False)
+        summary = summarise(df, list(nets), args.eps, args.methods, len(X), args.tol)
         write_table(summary, out, "mnist", json_too=True,
                     meta={"samples": len(X), "clip": CLIP, "milp_mode": args.milp_mode,
                           "milp_time_limit": cfg["milp_time_limit"], "lp_time_limit": cfg["lp_time_limit"],
                           "budget": cfg["budget"], "notes": notes})
+    store.close()
     plot_b(summary, out / "mnist_certified.png")
     return summary, notes
 
 
 def lp_timed_out(df: pd.DataFrame, name: str, eps: float) -> bool:
-    """Whether an LP of this network hit its time limit at ε or below (CVXPY's status "user_limit")."""
+    """Whether an LP of this network hit its time limit at ε or below (status "time_limit"; CVXPY's own
+    "user_limit" before the shared status vocabulary)."""
     return bool(((df["network"] == name) & (df["method"] == "lp") & (df["eps"] <= eps + 1e-12)
-                 & (df["status"] == "user_limit")).any())
+                 & df["status"].isin(TIME_LIMIT)).any())
 
 
 def summarise(df: pd.DataFrame, names, eps_list, methods, samples: int, tol: float) -> pd.DataFrame:
@@ -452,8 +412,8 @@ def check_b(method: str, per: dict, tol: float) -> str:
     """Per image: the margin is at most the next tighter method's and a certified image stays certified by
     it (LP/MILP only where they solved exactly), and no image it certifies has a MILP counterexample."""
     if method == "milp":
-        undecided = int((~per["milp"]["status"].isin(EXACT)).sum())
-        return f"{undecided} images not solved exactly (time limit)" if undecided else "exact"
+        unknown = int((~per["milp"]["status"].isin(EXACT)).sum())
+        return f"{unknown} images not solved exactly (time limit)" if unknown else "exact"
     g = per[method]
     problems = []
     tighter = [m for m in METHODS[METHODS.index(method) + 1:] if m in per]
@@ -465,8 +425,7 @@ def check_b(method: str, per: dict, tol: float) -> str:
             keep = b["status"].isin(EXACT)
             a, b = a[keep], b[keep]
         both = a["margin lower bound"].notna() & b["margin lower bound"].notna()
-        excess = a["margin lower bound"][both] - b["margin lower bound"][both]
-        excess = excess - tol * b["margin lower bound"][both].abs().clip(lower=1.0)
+        excess = checks.above(a["margin lower bound"][both], b["margin lower bound"][both], tol)
         if (excess > 0).any():
             problems.append(f"margin above {tighter[0]}'s on {int((excess > 0).sum())} images "
                             f"(by ≤ {excess.max():.3g})")
@@ -491,7 +450,8 @@ def plot_b(summary: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 7.5), squeeze=False)
     for c, name in enumerate(names):
         t = summary[summary["network"] == name]
-        t = t[(t["images"] == t["images"].max()) & ~t["statuses"].str.contains("user_limit")]
+        lp_stopped = t["method"].eq("lp") & t["statuses"].str.contains("|".join(TIME_LIMIT))
+        t = t[(t["images"] == t["images"].max()) & ~lp_stopped]
         for m in [m for m in METHODS if m in set(t["method"])]:
             s = t[t["method"] == m].sort_values("eps")
             style = dict(color=COLORS[m], label="milp (exact verdicts)" if m == "milp" else m, **MARKERS[m])
@@ -521,10 +481,16 @@ def plot_b(summary: pd.DataFrame, path: Path) -> None:
 
 def main(argv=None):
     args, cfg = parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args, cfg)
+
+
+def run(args, cfg):
     out = Path(args.out)
     if args.overwrite:
-        for name in ("random_net.csv", "mnist_images.csv"):
-            (out / name).unlink(missing_ok=True)
+        for table in ("random_net", "mnist_images"):
+            with result_store(out, table) as store:
+                store.clear()
     settings = {"seed": args.seed, "quick": args.quick, "sizes": cfg["sizes"], "grid": cfg["grid"],
                 "mlp": {k: cfg[k] for k in ("mlp_sizes", "mlp_images", "mlp_epochs", "mlp_eps", "mlp_warmup")},
                 "milp_mode": args.milp_mode, "milp_time_limit": cfg["milp_time_limit"],

@@ -15,11 +15,11 @@
    ≈10–15% robust error after 1000–3000 steps.
 3. Training curves and the polytope of one training point after robust training (Fig. 6).
 
-Writes PNGs, CSV/Markdown/JSON tables and ``toy2d.json`` (settings, seconds, every number) to ``--out``.
+Writes PNGs, CSV/Markdown/JSON tables and ``toy2d.json`` (settings, seconds, every number) to ``--out``,
+and the table rows to its result store (``results.sqlite``, tables ``polytopes`` and ``classifiers``).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -32,55 +32,39 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import polytope_lab as pl
-from polytope_lab import data, models, polytopes, training
+from polytope_lab import data, evaluation, models, polytopes, training
 
 from . import toy2d_plots as plots
-from ._common import base_parser, machine_load, to_markdown, write_table
+from .cli import ExperimentParser, machine_load, record_rows, to_markdown, torch_threads, write_table
 
 DEFAULTS = dict(sizes=[2, 100, 100, 100, 100, 2], eps=[0.05, 0.1, 0.25], nets=3, grid=250, resolution=400,
                 directions=32, milp_directions=4, milp_time_limit=0.5, points=50, min_distance=0.08,
                 train_eps=0.03, train_sizes=[2, 100, 100, 100, 100, 2], epochs_standard=1000,
                 epochs_robust=1000, lr=1e-2, lr_final=1e-3, final_steps=300, warmup=300, attack_grid=41,
                 region_grid=300)
-QUICK = dict(DEFAULTS, sizes=[2, 16, 16, 2], nets=2, grid=60, resolution=150, directions=8, milp_directions=2,
+QUICK = dict(sizes=[2, 16, 16, 2], nets=2, grid=60, resolution=150, directions=8, milp_directions=2,
              milp_time_limit=10.0, points=12, train_sizes=[2, 16, 16, 2], epochs_standard=40, epochs_robust=40,
              final_steps=10, warmup=10, attack_grid=9, region_grid=60)
 
 
 def parse_args(argv=None):
-    parser = base_parser(__doc__.strip().splitlines()[0], default_out="figures/toy2d")
-    parser.add_argument("--nets", type=int, default=argparse.SUPPRESS,
-                        help=f"random networks per ε (default {DEFAULTS['nets']})")
-    parser.add_argument("--eps", type=float, nargs="+", default=argparse.SUPPRESS,
-                        help=f"radii of Fig. 4 (default {DEFAULTS['eps']})")
-    parser.add_argument("--directions", type=int, default=argparse.SUPPRESS,
-                        help=f"support directions per bounder: rows of C, 2 half-planes each "
-                             f"(default {DEFAULTS['directions']})")
-    parser.add_argument("--milp-directions", type=int, default=argparse.SUPPRESS,
-                        help=f"MILP rows, 2 support lines each (default {DEFAULTS['milp_directions']})")
-    parser.add_argument("--milp-time-limit", type=float, default=argparse.SUPPRESS,
-                        help=f"seconds per MILP solve (default {DEFAULTS['milp_time_limit']})")
-    parser.add_argument("--epochs-standard", type=int, default=argparse.SUPPRESS,
-                        help=f"full-batch Adam steps, standard training (default {DEFAULTS['epochs_standard']})")
-    parser.add_argument("--epochs-robust", type=int, default=argparse.SUPPRESS,
-                        help=f"full-batch Adam steps, robust training (default {DEFAULTS['epochs_robust']})")
-    parser.add_argument("--lr", type=float, default=argparse.SUPPRESS,
-                        help=f"Adam learning rate (default {DEFAULTS['lr']})")
-    parser.add_argument("--lr-final", type=float, default=argparse.SUPPRESS,
-                        help=f"learning rate of the last --final-steps steps (default {DEFAULTS['lr_final']})")
-    parser.add_argument("--final-steps", type=int, default=argparse.SUPPRESS,
-                        help=f"steps at --lr-final, a fresh Adam (default {DEFAULTS['final_steps']}; 0: none)")
-    parser.add_argument("--warmup", type=int, default=argparse.SUPPRESS,
-                        help=f"robust training: steps over which ε ramps up from 0 (default {DEFAULTS['warmup']})")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (restored on return); the networks are small, so a second thread only "
-                             "pays on an idle machine and costs up to 4× on a busy one")
+    parser = ExperimentParser(__doc__.strip().splitlines()[0], out="figures/toy2d", defaults={"threads": 1, **DEFAULTS},
+                              quick=QUICK)
+    parser.setting("--nets", type=int, help="random networks per ε")
+    parser.setting("--eps", type=float, nargs="+", help="radii of Fig. 4")
+    parser.setting("--directions", type=int, help="support directions per bounder: rows of C, 2 half-planes each")
+    parser.setting("--milp-directions", type=int, help="MILP rows, 2 support lines each")
+    parser.setting("--milp-time-limit", type=float, help="MILP seconds per bound call (all its rows together)")
+    parser.setting("--epochs-standard", type=int, help="full-batch Adam steps, standard training")
+    parser.setting("--epochs-robust", type=int, help="full-batch Adam steps, robust training")
+    parser.setting("--lr", type=float, help="Adam learning rate")
+    parser.setting("--lr-final", type=float, help="learning rate of the last --final-steps steps")
+    parser.setting("--final-steps", type=int, help="steps at --lr-final, a fresh Adam (0: none)")
+    parser.setting("--warmup", type=int, help="robust training: steps over which ε ramps up from 0")
+    # --threads (1 here): the networks are small, so a second thread only pays on an idle machine and costs
+    # up to 4× on a busy one
     args = parser.parse_args(argv)
-    cfg = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("nets", "eps", "directions", "milp_directions", "milp_time_limit", "epochs_standard", "epochs_robust",
-                "lr", "lr_final", "final_steps", "warmup"):
-        if hasattr(args, key):
-            cfg[key] = getattr(args, key)
+    cfg = {key: getattr(args, key) for key in DEFAULTS}
     if args.threads < 1:
         parser.error("--threads must be ≥ 1")
     if cfg["nets"] < 1 or cfg["directions"] < 2 or cfg["milp_directions"] < 1:
@@ -92,13 +76,6 @@ def parse_args(argv=None):
     if not 0 <= cfg["warmup"] <= cfg["epochs_robust"] - cfg["final_steps"]:
         parser.error("--warmup must lie in [0, epochs-robust − final-steps]")
     return args, cfg
-
-
-def random_network(sizes, seed: int):
-    """The paper's random network (float64) and a centre x₀ ~ U[0, 1]², both from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    net = models.random_mlp(sizes, g)
-    return net, torch.rand(1, sizes[0], generator=g, dtype=torch.float64)
 
 
 def timed(fn):
@@ -171,7 +148,7 @@ def polytope_part(cfg, device):
     rows, panels = [], []
     tasks = [(j, i) for j in range(cfg["nets"]) for i in range(len(cfg["eps"]))]
     for j, i in tqdm(tasks, desc="polytopes"):
-        net, x0 = random_network(cfg["sizes"], cfg["seed"] * 1000 + j)
+        net, x0 = models.random_network(cfg["sizes"], cfg["seed"] * 1000 + j)
         eps = cfg["eps"][i]
         row, shape = outer_bounds(net, pl.LinfBall(x0, eps), cfg, bounders, device)
         rows.append({"eps": eps, "net": j + 1, "net_seed": cfg["seed"] * 1000 + j,
@@ -182,18 +159,17 @@ def polytope_part(cfg, device):
 
 def evaluate(model, X, y, eps, cfg, seed):
     """Clean error, PGD error, dense-grid attack error and the dual bound on the robust error."""
-    with torch.no_grad():
-        clean = model(X).argmax(1) != y
-    _, pgd_hit = pl.pgd(model, X, y, eps, steps=50, seed=seed)
+    clean = evaluation.clean_errors(model, X, y)
+    pgd_hit = evaluation.attack_errors(model, X, y, eps, "pgd", count_clean=False, steps=50, seed=seed)
     grid_hit = torch.zeros(len(X), dtype=torch.bool)
     for k in range(len(X)):
         _, outputs, _ = polytopes.image_of_box(model, pl.LinfBall(X[k:k + 1], eps), cfg["attack_grid"])
         grid_hit[k] = bool((outputs.argmax(1) != int(y[k])).any())
-    certified = pl.Bounder.create("dual").bound(model, pl.LinfBall(X, eps), pl.margin_matrix(y, 2)).certified
-    flagged = (clean | pgd_hit.cpu() | grid_hit).numpy()
+    bound_error = evaluation.robust_errors(model, X, y, eps)
+    flagged = (clean | pgd_hit | grid_hit).numpy()
     n = len(X)
     return {"clean_error": int(clean.sum()) / n, "pgd_error": int(pgd_hit.sum()) / n,
-            "grid_attack_error": int(grid_hit.sum()) / n, "robust_error_bound": int((~certified).sum()) / n}, flagged
+            "grid_attack_error": int(grid_hit.sum()) / n, "robust_error_bound": int(bound_error.sum()) / n}, flagged
 
 
 def decision_grid(model, n):
@@ -265,12 +241,8 @@ def main(argv=None):
     """Run the experiment (see the module docstring); returns what ``toy2d.json`` holds."""
     args, cfg = parse_args(argv)
     cfg["seed"] = args.seed
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run(args, cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args, cfg):
@@ -291,6 +263,7 @@ def run(args, cfg):
     t = lap("polytopes", t)
     meta = {"settings": cfg, "x0": "uniform in [0, 1]^2 per network (from its seed)"}
     write_table(poly, out, "polytopes", meta=meta, json_too=True)
+    record_rows(out, "polytopes", poly.to_dict("records"), key=["eps", "net"])
     title = (f"random {'-'.join(map(str, cfg['sizes']))} networks, outer bounds from "
              f"{2 * cfg['directions']} directions")
     files = [save(plots.polytopes_figure(panels, cfg["eps"], cfg["nets"], title), out / "polytopes.png"),
@@ -299,6 +272,7 @@ def run(args, cfg):
 
     X, y, clf, logs, trained = classifier_part(cfg, args.device)
     write_table(clf, out, "classifiers", meta=meta, json_too=True)
+    record_rows(out, "classifiers", clf.to_dict("records"), key=["training"])
     log = pd.concat(logs.values(), ignore_index=True)
     log.to_csv(out / "training_log.csv", index=False)
     clf_panels = []

@@ -1,6 +1,7 @@
 """polytope_lab: provable output bounds for ReLU networks (Wong & Kolter 2018) behind one Bounder interface."""
 from .attacks import fgsm, pgd, pgd_minimize
-from .bounds import Bounder, Bounds, Certification, cross_check, margin_matrix
+from .bounds import Bounder, Bounds, Certification, margin_matrix
+from .checks import cross_check
 from .data import toy_points
 from .dual.chunked import column_chunked_bounds
 from .bounds import EstimatedBounds

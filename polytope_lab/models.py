@@ -45,6 +45,14 @@ def random_mlp(sizes, generator: torch.Generator) -> nn.Sequential:
     return net.requires_grad_(False).eval()
 
 
+def random_network(sizes, seed: int):
+    """The paper's random network (§4.1) and its centre: ``(random_mlp(sizes, g), x₀)`` with x₀ ~ U[0, 1]^n0
+    (shape (1, sizes[0]), float64), both drawn from one generator seeded with ``seed``, the network first."""
+    g = torch.Generator().manual_seed(seed)
+    net = random_mlp(sizes, g)
+    return net, torch.rand(1, sizes[0], generator=g, dtype=torch.float64)
+
+
 class Dense(nn.Module):
     """A layer with skip connections, for :class:`DenseSequential`: ``Dense(m_1, ..., m_K)`` applies
     ``m_K`` to the latest output, ``m_{K-1}`` to the one before, ... (``None`` skips an output) and adds
@@ -97,4 +105,5 @@ def load_state(model: nn.Module, path) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["mnist_convnet", "mlp", "random_mlp", "Dense", "DenseSequential", "residual_mlp", "load_state"]
+__all__ = ["mnist_convnet", "mlp", "random_mlp", "random_network", "Dense", "DenseSequential", "residual_mlp",
+           "load_state"]

@@ -5,6 +5,10 @@ POLYTOPE_LAB_DATA (directory holding mnist/) and POLYTOPE_LAB_MODELS (directory 
 wong_kolter_mnist_eps0.1.pth) are set, and are skipped otherwise.
 """
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,7 +16,7 @@ import torch
 
 import polytope_lab as pl
 from conftest import pretrained_path, real_mnist_dir
-from experiments import benchmark, demo
+from experiments import benchmark, cli, demo, mnist_table, tightness, toy2d
 from polytope_lab import data, models
 
 PRETRAINED = "wong_kolter_mnist_eps0.1.pth"
@@ -23,14 +27,54 @@ def real_inputs():
     return str(real_mnist_dir().parent), str(pretrained_path())
 
 
-@pytest.mark.parametrize("module", [demo, benchmark])
+EXPERIMENTS = [demo, benchmark, mnist_table, tightness, toy2d]
+COMMON = ["--data-dir", "--model", "--threads", "--device", "--seed", "--out", "--quick"]
+
+
+@pytest.mark.parametrize("module", EXPERIMENTS, ids=lambda m: m.__name__)
 def test_help_exits_cleanly(module, capsys):
     with pytest.raises(SystemExit) as info:
         module.main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for option in ["--seed", "--device", "--out", "--quick"]:
+    for option in COMMON:
         assert option in out
+
+
+def test_one_quick_mechanism_explicit_flags_win():
+    parser = cli.ExperimentParser("t", out="o", defaults=dict(n=5, sizes=[2, 3], lr=0.1), quick=dict(n=2, sizes=[1]))
+    parser.preset("--paper", dict(n=9, lr=0.5), help="paper")
+    parser.setting("--n", type=int, help="n")
+    parser.setting("--lr", type=float, help="lr")
+    assert "(default: 5; --quick: 2; --paper: 9)" in " ".join(parser.format_help().split())
+    settings = lambda argv: parser.settings(parser.parse_args(argv))  # noqa: E731
+    assert settings([]) == {"threads": None, "seed": 0, "device": "cpu", "n": 5, "sizes": [2, 3], "lr": 0.1}
+    assert settings(["--quick"])["n"] == 2 and settings(["--quick"])["sizes"] == [1]
+    assert settings(["--quick", "--n", "7"])["n"] == 7                    # an explicit flag wins over --quick
+    assert settings(["--paper"])["n"] == 9 and settings(["--paper", "--quick"])["n"] == 2
+    assert settings(["--paper", "--quick"])["lr"] == 0.5 and settings(["--paper", "--lr", "1"])["lr"] == 1.0
+    args = parser.parse_args(["--threads", "3", "--seed", "4", "--data-dir", "d"])
+    assert (args.threads, args.seed, args.data_dir, args.out, args.quick) == (3, 4, "d", "o", False)
+    with pytest.raises(ValueError, match="DEFAULTS"):
+        parser.setting("--undeclared", type=int)
+
+
+def test_no_hidden_argv_entry_points():
+    """Only the experiments and measure_memory read argv, each through argparse (``main(argv=None)``)."""
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        assert "CHILD" not in text and 'argv[:1] ==' not in text, path.name
+    import experiments.benchmark_scaling as scaling
+    assert not hasattr(scaling, "main")          # parts g, h: `benchmark --parts gh` (no cycle: test_architecture)
+
+
+def test_measure_memory_has_its_own_help():
+    out = subprocess.run([sys.executable, "-m", "experiments.measure_memory", "--help"], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    for option in ["--model", "--inputs", "--eps", "--threads", "--options"]:
+        assert option in out.stdout
 
 
 def test_demo_writes_its_table(tmp_path, capsys):
@@ -48,6 +92,9 @@ def test_demo_writes_its_table(tmp_path, capsys):
         assert by_method.loc["dual", "mean lower margin"] >= by_method.loc["interval", "mean lower margin"]
     assert by_method.loc["dual-optimized", "mean lower margin"] >= by_method.loc["dual", "mean lower margin"] - 1e-5
     assert "method" in capsys.readouterr().out.splitlines()[0]
+    with cli.result_store(tmp_path, "demo") as store:                   # the same rows in the result store
+        stored = store.frame(DEMO_COLUMNS)
+    assert len(stored) == len(table) and list(stored["method"]) == list(table["method"])
 
 
 def test_demo_rejects_unknown_backend(tmp_path):
@@ -94,6 +141,8 @@ def test_benchmark_quick(tmp_path):
     assert list(table.columns)[:len(benchmark.COLUMNS)] == benchmark.COLUMNS
     assert len(table) == len(df)
     assert set(table["part"]) == set("abcdefghi")
+    with cli.result_store(tmp_path, "benchmark") as store:
+        assert len(store) == len(table) and (table["part"].iloc[0], table["quantity"].iloc[0]) in store
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["quick"] and meta["n_images"] == 20
     rows = table.set_index("quantity")
@@ -118,8 +167,10 @@ def check_exact_parts(out, table, data_dir, model_path):
     per_image = pd.read_csv(out / "milp_per_image.csv")
     assert list(per_image["image"]) == [0, 1, 2] and set(per_image["solver"]) == {"HIGHS"}
     assert set(per_image["status"]) <= {"certified", "counterexample"}
-    assert (per_image.loc[per_image["status"] == "certified", "lower"] > 0).all()
-    assert (per_image.loc[per_image["status"] == "counterexample", "witness_margin"] <= 0).all()
+    assert (per_image.loc[per_image["status"] == "certified", "margin"] > 0).all()
+    assert (per_image.loc[per_image["status"] == "counterexample", "counterexample_margin"] <= 0).all()
+    with cli.result_store(out, "milp_per_image") as store:                 # the resumable copy
+        assert sorted(store.keys()) == [("HIGHS", i) for i in range(3)]
     X, y = data.mnist("test", root=data_dir)
     net = models.load_state(models.mnist_convnet(), model_path)
     dual = pl.Bounder.create("dual").bound(net, pl.LinfBall(X[:3], 0.1, clip=(0, 1)), pl.margin_matrix(y[:3], 10))

@@ -10,8 +10,8 @@ import pytest
 
 import polytope_lab as pl
 from conftest import real_mnist_dir
-from experiments import mnist_table
-from polytope_lab import training
+from experiments import cli, mnist_table
+from polytope_lab import evaluation, training
 
 R, M = "ball", "ball∩[0,1]"
 COLUMNS = ["model", "source", "train images", "epochs", "train s/epoch", "test images", "clean err %",
@@ -87,6 +87,9 @@ def test_attacks_lie_below_the_bound(quick_run):
     assert all(all(result.values()) for result in meta["checks"].values()), meta["checks"]
     per_image = pd.concat([pd.read_csv(p) for p in sorted((out / "milp").glob("*.csv"))])
     assert len(per_image) == 9 and set(per_image["image"]) == {0, 1, 2}
+    assert list(per_image.columns) == mnist_table.MILP_COLUMNS
+    with cli.result_store(out, "milp_images") as store:                  # the resumable copy of those rows
+        assert len(store) == 9
     # a verified counterexample is never certified by the sound bound; a MILP-certified image is never attacked
     assert not (per_image["status"].eq("counterexample") & ~per_image["bound_error"]).any()
     assert not (per_image["status"].eq("certified") & per_image["pgd_error"]).any()
@@ -96,10 +99,10 @@ def test_attacks_lie_below_the_bound(quick_run):
 
 
 def _copy_of_run(out, tmp_path):
-    """A copy of the quick run's output folder, and its finished cells."""
+    """A copy of the quick run's output folder, and its store of finished cells."""
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    return copy, json.loads((copy / "cells.json").read_text())["cells"]
+    return copy, cli.result_store(copy, "cells")
 
 
 def _boom(*args, **kwargs):
@@ -110,18 +113,20 @@ def _boom(*args, **kwargs):
 def test_rerun_skips_finished_cells(quick_run, tmp_path, monkeypatch):
     out, argv = quick_run
     copy, cells = _copy_of_run(out, tmp_path)
-    removed = next(c for c in cells if (c["model"], c["column"]) == ("robust", "fgsm"))
-    kept = [c for c in cells if c is not removed]
-    (copy / "cells.json").write_text(json.dumps({"cells": kept}))
+    assert len(cells) == 15                                           # 3 models × 5 columns
+    removed = cells.get(("robust", "fgsm"))
+    assert cells.delete(("robust", "fgsm"))
+    cells.close()
     checkpoints = {p: p.stat().st_mtime_ns for p in copy.glob("checkpoints/*/checkpoint.pt")}
     assert len(checkpoints) == 3
     for module, name in [(pl, "pgd"), (training, "pgd"), (training, "robust_loss")]:
         monkeypatch.setattr(module, name, _boom)
     monkeypatch.setattr(pl.Bounder, "create", _boom)
+    monkeypatch.setitem(evaluation.ATTACKS, "pgd", _boom)
     mnist_table.main(argv[:1] + ["--out", str(copy)] + argv[3:])   # only robust's FGSM cell is computed again
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
-    redone = json.loads((copy / "cells.json").read_text())["cells"]
-    again = next(c for c in redone if (c["model"], c["column"]) == ("robust", "fgsm"))
+    with cli.result_store(copy, "cells") as redone:
+        again = redone.get(("robust", "fgsm"))
     assert (again["errors"], again["n"], again["key"]) == (removed["errors"], removed["n"], removed["key"])
     a, b = pd.read_csv(out / "table.csv"), pd.read_csv(copy / "table.csv")
     values = [c for c in COLUMNS if not c.endswith(" s")]
@@ -132,7 +137,9 @@ def test_rerun_skips_finished_cells(quick_run, tmp_path, monkeypatch):
 def test_missing_milp_backend_is_noted(quick_run, tmp_path, monkeypatch):
     out, argv = quick_run
     copy, cells = _copy_of_run(out, tmp_path)
-    (copy / "cells.json").write_text(json.dumps({"cells": [c for c in cells if c["column"] != "milp"]}))
+    for model in ("standard", "pgd", "robust"):
+        assert cells.delete((model, "milp"))
+    cells.close()
     monkeypatch.setattr(pl.Bounder, "available", classmethod(lambda cls: ["interval", "dual"]))
     table = mnist_table.main(argv[:1] + ["--out", str(copy)] + argv[3:])
     assert table["MILP images"].eq(0).all() and table[COLUMNS[12]].isna().all()

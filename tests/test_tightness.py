@@ -8,6 +8,7 @@ import torch
 import polytope_lab as pl
 from conftest import real_mnist_dir
 from experiments import tightness
+from polytope_lab import checks
 
 #: loosest to tightest: each range must contain the next (the grid's values are attained)
 ORDER = ["interval", "dual", "dual-optimized", "lp", "milp", "grid"]
@@ -15,8 +16,7 @@ TOL = 1e-5
 
 
 def contains(outer, inner, tol=TOL):
-    return (outer["lower"] <= inner["lower"] + tol * max(1.0, abs(inner["lower"]))
-            and outer["upper"] >= inner["upper"] - tol * max(1.0, abs(inner["upper"])))
+    return checks.containment_gap(outer["lower"], outer["upper"], inner["lower"], inner["upper"], tol) <= 0
 
 
 def no_recomputation(monkeypatch):
@@ -69,6 +69,7 @@ def test_part_a_writes_its_files_and_the_ranges_nest(quick_a):
 def test_part_a_resumes_without_recomputing(quick_a, monkeypatch):
     out, _ = quick_a
     before = pd.read_csv(out / "random_net.csv")
+    assert (out / "results.sqlite").is_file()
     no_recomputation(monkeypatch)
     tightness.main(["--quick", "--parts", "A", "--eps", "0.05", "0.25", "--out", str(out)])
     pd.testing.assert_frame_equal(pd.read_csv(out / "random_net.csv"), before)

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from experiments import toy2d
+from experiments import cli, toy2d
 
 FILES = ["polytopes.png", "polytopes_box.png", "classifiers.png", "training.png", "polytopes.csv", "polytopes.md",
          "polytopes.json", "classifiers.csv", "classifiers.md", "classifiers.json", "training_log.csv", "toy2d.json"]
@@ -46,6 +46,8 @@ def test_quick_run_writes_every_file(quick):
     assert log.groupby("training")["epoch"].max().to_dict() == {"standard": cfg["epochs_standard"],
                                                                 "robust": cfg["epochs_robust"]}
     assert log.loc[log["training"] == "robust", "robust_loss"].notna().all()
+    with cli.result_store(out, "polytopes") as store:                  # the table's rows in the result store
+        assert sorted(store.keys()) == sorted(zip(poly["eps"], poly["net"]))
 
 
 def test_polytope_sandwich(quick):
