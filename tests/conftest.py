@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
-from polytope_lab import models
+from polytope_lab import data, models
 
 _DEFAULT_THREADS = torch.get_num_threads()
 # no test may reach the internet: with no mirrors, a missing MNIST file is an error, never a download
-os.environ[pl.data.MIRRORS_ENV_VAR] = ""
+os.environ[data.MIRRORS_ENV_VAR] = ""
 
 
 @pytest.fixture(autouse=True)

@@ -149,3 +149,10 @@ def test_library_never_prints():
              for node in ast.walk(tree)
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
     assert not calls, calls
+
+
+def test_public_surface_is_small_and_registers_every_backend():
+    import polytope_lab as pl
+    assert 15 <= len(pl.__all__) <= 20, pl.__all__
+    assert all(hasattr(pl, name) for name in pl.__all__)
+    assert {"interval", "dual", "lp", "milp"} <= set(pl.Bounder.available())

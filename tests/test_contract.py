@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
+from polytope_lab.interval import IntervalBounder
 
 from conftest import (agreement, apply_C, assert_within, bounder_factories, make_convnet, make_mlp, make_resnet,
                       output_of, random_inputs, sampled_values)
@@ -407,7 +408,7 @@ def test_statuses_are_in_the_vocabulary(bounder, net):
 
 
 def test_a_backend_breaking_the_status_vocabulary_is_caught():
-    class Sloppy(pl.IntervalBounder):
+    class Sloppy(IntervalBounder):
         def _bound(self, network, region, C):
             out = super()._bound(network, region, C)
             out.status = ["user_limit"] * len(out.status)

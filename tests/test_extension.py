@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
+from polytope_lab import convert
 
 from conftest import assert_within, output_of, pgd_extremes, random_inputs, sampled_values
 
@@ -29,8 +30,8 @@ def doc():
             exec(compile(block, str(DOC), "exec"), namespace)
         yield namespace
     finally:
-        pl.unregister_layer(nn.AvgPool2d)
-        pl.unregister_layer(nn.LeakyReLU)
+        convert.unregister_layer(nn.AvgPool2d)
+        convert.unregister_layer(nn.LeakyReLU)
 
 
 def _pool_net(seed=0):
@@ -121,13 +122,13 @@ def test_registration_errors(doc):
         pl.register_layer(int, lambda *a: None)
     with pytest.raises(ValueError, match="callable"):
         pl.register_layer(nn.Tanh, 3)
-    assert "LeakyReLU (registered)" in pl.supported_layers()
+    assert "LeakyReLU (registered)" in convert.supported_layers()
     pl.register_layer(nn.Tanh, lambda layer, expr, builder: None)
     try:
         with pytest.raises(ValueError, match="returned NoneType, not an Expression"):
             pl.from_torch(nn.Sequential(nn.Linear(2, 2), nn.Tanh()), (2,))
     finally:
-        pl.unregister_layer(nn.Tanh)
+        convert.unregister_layer(nn.Tanh)
 
 
 def test_unregistered_layer_error_points_to_the_api():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import polytope_lab as pl
+from polytope_lab.milp import MILPBounder
 from conftest import real_mnist_dir
 from experiments import tightness
 from polytope_lab import checks
@@ -23,7 +24,7 @@ def no_recomputation(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a row already in the CSV was recomputed")
     monkeypatch.setattr(pl.Bounder, "bound", fail)
-    monkeypatch.setattr(pl.MILPBounder, "certify", fail)
+    monkeypatch.setattr(MILPBounder, "certify", fail)
 
 
 def test_help_lists_the_common_options(capsys):
