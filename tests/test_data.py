@@ -6,7 +6,6 @@ Tests that need the real MNIST files run when POLYTOPE_LAB_DATA names a director
 import functools
 import gzip
 import http.server
-import os
 import shutil
 import socket
 import threading

@@ -4,6 +4,7 @@ The benchmark (and the demo on the pretrained ConvNet) need the real data and we
 POLYTOPE_LAB_DATA (directory holding mnist/) and POLYTOPE_LAB_MODELS (directory holding
 wong_kolter_mnist_eps0.1.pth) are set, and are skipped otherwise.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -151,10 +152,9 @@ def test_benchmark_quick(tmp_path):
     check_skip_part(table)
     timing = rows.loc["dual bounds, ms/image (batches of 10)"]
     assert timing["polytope_lab"] > 0
-    try:
-        import convex_adversarial  # noqa: F401
-    except ImportError:
-        return
+    if importlib.util.find_spec("convex_adversarial") is None:
+        pytest.skip("convex-adversarial (the [bench] extra) is not installed: the comparison with the reference "
+                    "was not checked (the benchmark's own parts were)")
     # same bounds as the reference, same robust errors
     assert rows.loc["max relative difference of the bounds", "polytope_lab"] < 1e-3
     errors = rows.loc["robust errors / 20"]

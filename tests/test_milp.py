@@ -10,7 +10,6 @@ solves (CBC vs HiGHS, two big-M choices) within ``solver_slack`` (10 tolerances,
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

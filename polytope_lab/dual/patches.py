@@ -159,7 +159,6 @@ def conv_jacobian(convs, slopes) -> PatchRows:
     ``slopes[j]``: (B, *convs[j].out_shape), the diagonal of D after convs[j], for j < len(convs) − 1.
     """
     top = convs[-1]
-    B = slopes[0].shape[0]
     c_top, oh, ow = top.out_shape
     stages = _stages(convs)
     # rows as patches on the top conv's input: the kernel at every position          # (1, c_top, 1, C*k*k)
