@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
-from polytope_lab import data, models
+from polytope_lab import data, models, relaxation
 
 _DEFAULT_THREADS = torch.get_num_threads()
 # no test may reach the internet: with no mirrors, a missing MNIST file is an error, never a download
@@ -73,12 +73,12 @@ BOUNDER_VARIANTS = {
 }
 
 
-#: backends whose values are a solver's optimum, correct to the solver's tolerances (HiGHS: primal and dual
-#: feasibility 1e-7, MIP feasibility 1e-6, documented defaults): two independent solves of one problem, or
-#: of its negation, agree to a few times 1e-6 · max(1, |value|), not to float64 rounding: we allow 10× the MIP
-#: feasibility tolerance
+#: backends whose values are a solver's optimum, correct to the solver's tolerances
+#: (``relaxation.SOLVER_TOLERANCE``: HiGHS primal/dual feasibility 1e-7, MIP feasibility 1e-6): two
+#: independent solves of one problem, or of its negation, agree to ``relaxation.solver_slack`` (10× the MIP
+#: feasibility tolerance, relative to max(1, |value|)), not to float64 rounding
 SOLVER_BACKENDS = ("lp", "milp")
-SOLVER_AGREEMENT = {"rtol": 1e-5, "atol": 1e-5}
+SOLVER_AGREEMENT = {"rtol": relaxation.solver_slack(0.0), "atol": relaxation.solver_slack(0.0)}
 EXACT_ARITHMETIC_AGREEMENT = {"rtol": 1e-6, "atol": 1e-7}
 
 
