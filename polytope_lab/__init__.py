@@ -12,6 +12,7 @@ from .network import Network
 from .regions import Box, L2Ball, LinfBall, Region
 from .training import robust_loss, train
 from .verify import certified_radius, minimum_adversarial_distance
+from .vnnlib import read_vnnlib
 
 __all__ = [
     "Box", "LinfBall", "L2Ball", "Region",
@@ -20,4 +21,5 @@ __all__ = [
     "fgsm", "pgd", "pgd_minimize",
     "robust_loss", "train",
     "Network", "from_torch", "register_layer",
+    "read_vnnlib",
 ]
