@@ -265,3 +265,111 @@ def test_bad_sizes_are_refused():
         parse_vnnlib(V1_SINGLE, 0, 2)
     with pytest.raises(VNNLibError, match="index below 2"):
         parse_vnnlib(V1_SINGLE, 2, 2)       # declares X_2
+
+
+# --------------------------------------------------------------------------------------------------
+# properties as objectives, end to end
+# --------------------------------------------------------------------------------------------------
+
+def _v1_text(lo, hi, disjuncts) -> str:
+    """A VNN-LIB 1.0 rendering of one box and its disjuncts (rows ``A y <= b``), constants exact (repr)."""
+    n_out = disjuncts[0][0].shape[1]
+    lines = [f"(declare-const X_{i} Real)" for i in range(len(lo))]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(n_out)]
+    for i, (a, b) in enumerate(zip(lo, hi)):
+        lines += [f"(assert (>= X_{i} {float(a)!r}))", f"(assert (<= X_{i} {float(b)!r}))"]
+
+    def row(r, b):
+        terms = " ".join(f"(* {float(c)!r} Y_{j})" for j, c in enumerate(r))
+        return f"(<= (+ {terms}) {float(b)!r})"
+    conj = [f"(and {' '.join(row(r, b) for r, b in zip(A, bs))})" for A, bs in disjuncts]
+    return "\n".join(lines + [f"(assert (or {' '.join(conj)}))", ""])
+
+
+def _unsafe_points(model, case, n=3000, seed=0):
+    """Points of the case's box: uniform samples, every vertex, and PGD minimisers of every row."""
+    box = case.box
+    lo, hi = box.box()
+    g = torch.Generator().manual_seed(seed)
+    pts = [lo + (hi - lo) * torch.rand(n, lo.shape[1], generator=g, dtype=lo.dtype)]
+    d = lo.shape[1]
+    bits = torch.tensor([[(k >> i) & 1 for i in range(d)] for k in range(2 ** d)], dtype=lo.dtype)
+    pts.append(lo + (hi - lo) * bits)
+    C, _, _ = properties.case_objective(case)
+    _, argmins = pl.pgd_minimize(model, box, C, steps=100, restarts=3)
+    pts.append(argmins.reshape(-1, d))
+    x = torch.cat(pts)
+    assert ((x >= lo) & (x <= hi)).all()
+    with torch.no_grad():
+        return properties.satisfied(case, model(x))   # (N, n_disjuncts)
+
+
+@pytest.fixture(scope="module")
+def refutation_problem():
+    """A tiny random net, a non-cubic box and four disjuncts placed around the exact row minima (MILP):
+    0: one row well below its minimum (no unsafe point); 1: one row above it (unsafe points exist);
+    2: a satisfiable row and an unsatisfiable one (no unsafe point, refutable row by row);
+    3: ``r f <= t`` and ``r f >= t + gap`` (each satisfiable, jointly not: never refuted row by row)."""
+    model = make_mlp([3, 10, 10, 3], seed=7)
+    lo = np.array([-0.4, 0.1, 0.0])
+    hi = np.array([0.3, 0.2, 0.9])
+    g = torch.Generator().manual_seed(3)
+    R = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    box = pl.Box(torch.from_numpy(lo)[None], torch.from_numpy(hi)[None])
+    exact = pl.Bounder.create("milp", threads=1).bound(model, box, C=R)
+    assert exact.status == ["optimal"]
+    m, M = exact.lower[0].numpy(), exact.upper[0].numpy()
+    gap = 0.1 * (M - m)
+    Rn = R.numpy()
+    mid = (m[2] + M[2]) / 2
+    below = m[0] - 10 * gap[0]   # far enough below the minimum for the dual bound to see it
+    disjuncts = [(Rn[:1], [below]), (Rn[1:2], [m[1] + gap[1]]),
+                 (Rn[[1, 0]], [m[1] + gap[1], below]),
+                 (np.stack([Rn[2], -Rn[2]]), [mid, -(mid + gap[2])])]
+    disjuncts = [(np.asarray(A, dtype=float), np.asarray(b, dtype=float)) for A, b in disjuncts]
+    prop = parse_vnnlib(_v1_text(lo, hi, disjuncts), 3, 3)
+    return model, prop
+
+
+@pytest.mark.parametrize("backend, options", [("interval", {}), ("dual", {}), ("dual", {"alpha": "optimized"}),
+                                              ("lp", {}), ("milp", {"threads": 1})],
+                         ids=["interval", "dual", "dual-optimized", "lp", "milp"])
+def test_bounds_refute_a_disjunct_only_where_no_unsafe_point_is_found(refutation_problem, backend, options):
+    model, prop = refutation_problem
+    case, = prop
+    assert [len(d.b) for d in case.disjuncts] == [1, 1, 2, 2]
+    C, offset, groups = properties.case_objective(case)
+    assert C.shape == (6, 3) and [g.stop - g.start for g in groups] == [1, 1, 2, 2]
+    bounds = pl.Bounder.create(backend, **options).bound(model, case.region(), C=C)
+    refuted = properties.refuted(case, bounds)
+    found = _unsafe_points(model, case).any(0)
+    assert found.tolist() == [False, True, False, False]       # the construction, checked by sampling and PGD
+    assert not (refuted & found).any(), (backend, refuted, found)   # soundness: never refute a reachable disjunct
+    assert not refuted[3]                                      # sufficient, not necessary: rows are refuted alone
+    assert properties.verified(case, bounds) is False
+    if backend != "interval":                                  # each refutable disjunct is refuted
+        assert refuted.tolist() == [True, False, True, False]
+
+
+def test_a_case_is_verified_when_every_disjunct_is_refuted(refutation_problem):
+    model, prop = refutation_problem
+    case = prop[0]
+    safe = Case(case.lo, case.hi, [case.disjuncts[0], case.disjuncts[2]])
+    C, _, _ = properties.case_objective(safe)
+    bounds = pl.Bounder.create("milp", threads=1).bound(model, safe.region(), C=C)
+    assert properties.verified(safe, bounds) is True
+    estimated = pl.Bounder.create("dual", proj=1).bound(model, safe.region(), C=C)
+    if not estimated.sound:
+        with pytest.raises(ValueError, match="sound"):
+            properties.refuted(safe, estimated)
+    with pytest.raises(ValueError, match=r"expected \(1, 3\)"):
+        properties.refuted(safe, pl.Bounder.create("interval").bound(model, safe.region(), C=C[:2]))
+
+
+def test_satisfied_reads_the_unsafe_direction():
+    """mnistfc's ``(>= Y_j Y_label)`` is unsafe when another logit reaches the label's."""
+    text = "(declare-const X_0 Real)\n" + "".join(f"(declare-const Y_{j} Real)\n" for j in range(3)) + \
+           "(assert (>= X_0 0))\n(assert (<= X_0 1))\n(assert (or (and (>= Y_0 Y_2)) (and (>= Y_1 Y_2))))\n"
+    case, = parse_vnnlib(text, 1, 3)
+    y = torch.tensor([[0.0, 0.0, 1.0], [2.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    assert properties.satisfied(case, y).tolist() == [[False, False], [True, False], [False, True]]
