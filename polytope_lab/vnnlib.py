@@ -221,8 +221,9 @@ def _parse_v2(text: str, sizes: dict, source: str):
         raise ImportError("reading VNN-LIB 2.0 needs the 'vnnlib' package (pip install 'vnnlib>=1.0.2,<1.1')") from e
     try:
         query = v2.parse_query_string(text)
-    except v2.VNNLibException as e:
-        raise VNNLibError(source, 0, f"a valid VNN-LIB 2.0 query; the vnnlib package reports: {e}") from None
+    except (v2.VNNLibException, IndexError, ValueError, RuntimeError) as e:   # C++ out_of_range: IndexError
+        what = "" if isinstance(e, v2.VNNLibException) else f"{type(e).__name__} (e.g. a constant beyond float64): "
+        raise VNNLibError(source, 0, f"a valid VNN-LIB 2.0 query; the vnnlib package reports: {what}{e}") from None
     if len(query.networks) != 1:
         raise VNNLibError(source, 0, f"one declare-network, got {len(query.networks)}")
     net = query.networks[0]

@@ -246,6 +246,7 @@ V2_ONE = V2_HEADER.replace("[3]", "[1]").replace("[2]", "[1]")
 V2_MALFORMED = {
     "syntax": (V2_ONE + "(assert (andd (>= X[0] 0.0)))\n", r"(?s)vnnlib package reports: .*line 5"),
     "index": (V2_ONE + "(assert (>= X[3] 0.0))\n", r"(?s)vnnlib package reports: .*IndexOutOfBounds"),
+    "overflow": (V2_ONE + "(assert (<= X[0] 1" + "0" * 400 + ".0))\n", r"reports: IndexError .*beyond float64"),
     "shape": (V2_HEADER + "(assert (>= X[0] 0.0))\n", r"X with 1 values \(shape \[3\] has 3\)"),
     "unbounded": (V2_ONE + "(assert (>= X[0] 0.0))\n(assert (<= Y[0] 0.0))\n", r":5: expected an upper bound"),
     "empty-box": (V2_ONE + "(assert (>= X[0] 1.0))\n(assert (<= X[0] 0.0))\n", r":6: expected a non-empty box"),
