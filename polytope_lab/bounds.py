@@ -153,7 +153,7 @@ class Bounder:
 
     registry: dict = {}
     name = ""
-    #: region types the backend accepts (a subclass narrows it, e.g. the MILP takes L∞ balls only)
+    #: region types the backend accepts (a subclass narrows it, e.g. the MILP takes boxes (L∞ balls) only)
     supported_regions: tuple = (Region,)
     #: where ``bound`` computes (None: where the region's ``x`` lives); results come back there
     device = None

@@ -374,3 +374,11 @@ def test_satisfied_reads_the_unsafe_direction():
     case, = parse_vnnlib(text, 1, 3)
     y = torch.tensor([[0.0, 0.0, 1.0], [2.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
     assert properties.satisfied(case, y).tolist() == [[False, False], [True, False], [False, True]]
+
+
+def test_distributing_and_over_or_is_bounded():
+    text = HEAD + BOX + "(assert (or (<= Y_0 1) (<= Y_0 2)))\n" * 17     # 2^17 conjunctions
+    with pytest.raises(VNNLibError, match="at most 100000 disjuncts"):
+        parse_vnnlib(text, 2, 1)
+    case, = parse_vnnlib(HEAD + BOX + "(assert (or (<= Y_0 1) (<= Y_0 2)))\n" * 3, 2, 1)
+    assert len(case.disjuncts) == 8 and all(d.A.shape == (3, 1) for d in case.disjuncts)
