@@ -9,15 +9,17 @@ from .bounds import Bounder, Bounds, Certification, EstimatedBounds, margin_matr
 from .checks import cross_check
 from .convert import from_torch, register_layer
 from .network import Network
-from .regions import L2Ball, LinfBall, Region
+from .regions import Box, L2Ball, LinfBall, Region
 from .training import robust_loss, train
 from .verify import certified_radius, minimum_adversarial_distance
+from .vnnlib import read_vnnlib
 
 __all__ = [
-    "LinfBall", "L2Ball", "Region",
+    "Box", "LinfBall", "L2Ball", "Region",
     "Bounder", "Bounds", "EstimatedBounds", "Certification", "margin_matrix",
     "cross_check", "certified_radius", "minimum_adversarial_distance",
     "fgsm", "pgd", "pgd_minimize",
     "robust_loss", "train",
     "Network", "from_torch", "register_layer",
+    "read_vnnlib",
 ]

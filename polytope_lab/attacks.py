@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .regions import L2Ball, LinfBall, Region
+from .regions import Box, L2Ball, LinfBall, Region
 
 
 def _logits(model, x):
@@ -17,13 +17,15 @@ def _logits(model, x):
 
 
 def _step(region: Region, x, grad, step_size):
-    """One ascent step of size ``step_size`` (B,) in the region's geometry, then projection."""
+    """One ascent step of size ``step_size`` ((B,), or (B, *shape) per coordinate for a sign step) in the
+    region's geometry, then projection."""
     view = (-1,) + (1,) * (x.dim() - 1)
+    step = step_size.reshape(view) if step_size.dim() == 1 else step_size
     if isinstance(region, L2Ball):
         norm = grad.reshape(grad.shape[0], -1).norm(dim=1).clamp(min=1e-12).reshape(view)
-        x = x + step_size.reshape(view) * grad / norm
+        x = x + step * grad / norm
     else:
-        x = x + step_size.reshape(view) * grad.sign()
+        x = x + step * grad.sign()
     return region.project(x)
 
 
@@ -36,8 +38,11 @@ def _random_start(region: Region, generator=None):
 def _ascend(model, region, objective, steps, step_size, restarts, random_start, generator):
     """Maximise ``objective(logits)`` (B,) over the region; returns the best points and values."""
     x0 = region.x
-    step_size = region.eps * 2.5 / max(steps, 1) if step_size is None else torch.as_tensor(
-        step_size, dtype=x0.dtype, device=x0.device).expand(region.batch_size)
+    if step_size is None:   # a ball: 2.5·eps/steps; a general box: 2.5·radius/steps per coordinate
+        scale = region.eps if isinstance(region, (LinfBall, L2Ball)) else region.radius
+        step_size = scale * 2.5 / max(steps, 1)
+    else:
+        step_size = torch.as_tensor(step_size, dtype=x0.dtype, device=x0.device).expand(region.batch_size)
     best_x = x0.clone()
     with torch.no_grad():
         best_v = objective(_logits(model, x0))
@@ -77,7 +82,7 @@ def pgd(model, X, y, eps=None, steps=40, step_size=None, restarts=1, random_star
     """Projected gradient attack on the cross-entropy; returns ``(X_adv, success)``.
 
     ``X`` with ``eps``: ``norm`` "linf" (sign steps, ``LinfBall(X, eps, clip)``) or "l2" (normalised steps,
-    ``L2Ball``); or ``X`` a Region (LinfBall, L2Ball) and no eps. ``step_size`` defaults to 2.5·eps/steps;
+    ``L2Ball``); or ``X`` a Region (Box, LinfBall, L2Ball) and no eps. ``step_size`` defaults to 2.5·eps/steps;
     ``targeted``: labels to reach (the loss towards them is minimised) instead of leaving ``y``.
     ``success[b]``: the attacked prediction differs from ``y[b]`` (untargeted) or equals ``targeted[b]``.
     The best point over steps and restarts is returned.
@@ -101,16 +106,17 @@ def pgd(model, X, y, eps=None, steps=40, step_size=None, restarts=1, random_star
 
 def fgsm(model, X, y, eps=None, clip=None):
     """Fast gradient sign method (one full step of size eps, no random start); ``(X_adv, success)``.
-    ``X`` with ``eps`` (and ``clip``), or ``X`` a LinfBall; the sign step is an L∞ attack."""
+    ``X`` with ``eps`` (and ``clip``), or ``X`` a LinfBall or a Box (from its centre, a step of its
+    per-coordinate radius); the sign step is an L∞ attack."""
     region = attack_region(X, eps, clip)
-    if not isinstance(region, LinfBall):
+    if not isinstance(region, Box):
         raise ValueError(f"FGSM takes a sign step, an L∞ attack: use pgd(..., norm='l2') for {type(region).__name__}")
     x = region.x.clone().requires_grad_(True)
     y = torch.as_tensor(y, device=x.device).long()
     with torch.enable_grad():
         loss = F.cross_entropy(_logits(model, x), y)
         grad, = torch.autograd.grad(loss, x)
-    x_adv = _step(region, x.detach(), grad, region.eps)
+    x_adv = _step(region, x.detach(), grad, region.eps if isinstance(region, LinfBall) else region.radius)
     with torch.no_grad():
         success = _logits(model, x_adv).argmax(1) != y
     return x_adv, success
@@ -121,8 +127,8 @@ def pgd_minimize(model, region: Region, C, steps=50, step_size=None, restarts=2,
 
     Every value is attained by a point in the region, so it is an upper bound on the true minimum.
     """
-    if not isinstance(region, (LinfBall, L2Ball)):
-        raise ValueError(f"region must be a LinfBall or L2Ball, got {type(region).__name__}")
+    if not isinstance(region, (Box, L2Ball)):
+        raise ValueError(f"region must be a Box (LinfBall) or an L2Ball, got {type(region).__name__}")
     B = region.batch_size
     C = torch.as_tensor(C, dtype=region.x.dtype, device=region.x.device)
     if C.dim() == 2:

@@ -153,7 +153,7 @@ class Bounder:
 
     registry: dict = {}
     name = ""
-    #: region types the backend accepts (a subclass narrows it, e.g. the MILP takes L∞ balls only)
+    #: region types the backend accepts (a subclass narrows it, e.g. the MILP takes boxes (L∞ balls) only)
     supported_regions: tuple = (Region,)
     #: where ``bound`` computes (None: where the region's ``x`` lives); results come back there
     device = None
@@ -192,7 +192,7 @@ class Bounder:
     def check_region(self, region) -> Region:
         """``region``, or ValueError naming this backend and the region types it takes."""
         if not isinstance(region, Region):
-            raise ValueError(f"region must be a Region (LinfBall, L2Ball), got {type(region).__name__}")
+            raise ValueError(f"region must be a Region (Box, LinfBall, L2Ball), got {type(region).__name__}")
         if not self.supports(region):
             takes = ", ".join(t.__name__ for t in self.supported_regions)
             raise ValueError(f"the {self.name!r} backend does not support {type(region).__name__} regions; "

@@ -46,7 +46,7 @@ from .attacks import pgd_minimize
 from .bounds import (Bounder, Bounds, Certification, certified_labels, check_objective, error_status,
                      margin_matrix, require_sound)
 from .network import Network
-from .regions import LinfBall
+from .regions import Box, LinfBall
 from .relaxation import MIP_ABS_GAP, WITNESS_TOL, build, widen
 from .solvers import MILP_ADAPTERS, Budget, HighsAdapter, available_solvers, milp_adapter
 
@@ -103,7 +103,7 @@ class ExactProblem:
     sound bounds of C (the fallbacks); ``progressive``: tighten each example's layers by LPs first."""
 
     net64: Network
-    reg64: LinfBall
+    reg64: Box
     C64: torch.Tensor
     ops: list
     layers: list
@@ -162,7 +162,7 @@ def witness(x: np.ndarray, lo: np.ndarray, hi: np.ndarray):
 
 
 class MILPBounder(Bounder):
-    """Exact bounds of ``C f(x')`` over an L∞ ball (∩ clip box) by MILP (paper eq. 4).
+    """Exact bounds of ``C f(x')`` over a Box or an L∞ ball (∩ clip box) by MILP (paper eq. 4).
 
     Options: ``solver`` "HIGHS" (default) or "CBC" (:func:`available_solvers`); ``time_limit`` seconds
     per example (None: none), all its solves together, for ``bound`` and ``certify`` alike (each solve
@@ -177,7 +177,7 @@ class MILPBounder(Bounder):
 
     name = "milp"
     #: region types this backend accepts
-    supported_regions = (LinfBall,)
+    supported_regions = (LinfBall, Box)   # a LinfBall is a Box; named for the error message
 
     def __init__(self, solver="HIGHS", time_limit=None, threads=None, intermediate="dual", rel_gap=0.0,
                  abs_gap=MIP_ABS_GAP, heuristic_steps=20, device=None):
@@ -207,7 +207,7 @@ class MILPBounder(Bounder):
         """The configured solver on ``system``."""
         return MILP_ADAPTERS[self.solver](system, threads=self.threads, rel_gap=self.rel_gap, abs_gap=self.abs_gap)
 
-    def exact_problem(self, network: Network, region: LinfBall, C: torch.Tensor) -> ExactProblem:
+    def exact_problem(self, network: Network, region: Box, C: torch.Tensor) -> ExactProblem:
         """float64 CPU copies, the normal form's matrices, the big-M bounds and the fallback bounds of C."""
         progressive = isinstance(self.intermediate, str) and self.intermediate == "progressive"
         with torch.no_grad():
@@ -312,7 +312,7 @@ class MILPBounder(Bounder):
 
     # ---------------------------------------------------------------- robustness queries
 
-    def certify(self, model, region: LinfBall, y=None, trust_dual: bool = True) -> Certification:
+    def certify(self, model, region: Box, y=None, trust_dual: bool = True) -> Certification:
         """Is every point of ``region`` classified as ``y`` (None: the prediction at the centre)? Decides
         the sign of every margin ``f_y − f_j``.
 

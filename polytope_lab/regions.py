@@ -1,10 +1,11 @@
-"""Input regions: L∞ balls (optionally intersected with a clip box) and L2 balls, batched.
+"""Input regions: boxes, L∞ balls (optionally intersected with a clip box; a box too) and L2 balls, batched.
 
 A region answers two questions the backends ask: its bounding box (interval, big-M, LP variable
 bounds) and its support function ``max_{x' in region} vᵀx'`` (the dual's input term).
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -94,12 +95,115 @@ class Region:
         return v.reshape(v.shape[0], v.shape[1], -1)
 
 
-class LinfBall(Region):
-    """``{x' : ‖x' − x‖∞ ≤ eps}``, intersected with ``[lo, hi]`` when ``clip=(lo, hi)`` is given."""
+def _as_bound(t, like=None) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        t = t.detach()
+    else:
+        dtype = like.dtype if isinstance(like, torch.Tensor) and like.is_floating_point() else None
+        t = torch.as_tensor(np.asarray(t, dtype=np.float64), dtype=dtype or torch.get_default_dtype())
+    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
+def _check_bounds(lo, hi):
+    """``(lo, hi)`` as finite tensors of one broadcast shape (B, *input_shape) with ``lo <= hi``."""
+    lo, hi = _as_bound(lo, hi), _as_bound(hi, lo)
+    dtype = torch.promote_types(lo.dtype, hi.dtype)
+    try:
+        lo, hi = torch.broadcast_tensors(lo.to(dtype), hi.to(dtype))
+    except RuntimeError:
+        raise ValueError(f"lo {tuple(lo.shape)} and hi {tuple(hi.shape)} do not broadcast to one shape") from None
+    if lo.dim() < 2:
+        raise ValueError(f"lo and hi must be batched, shape (B, *input_shape); got shape {tuple(lo.shape)}")
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("lo or hi contains NaN or inf: a Box must be bounded in every coordinate")
+    if (lo > hi).any():
+        where = tuple(int(i) for i in torch.nonzero(lo > hi)[0])
+        raise ValueError(f"empty box: lo > hi at index {where} ({lo[where].item():g} > {hi[where].item():g})")
+    return lo.clone(), hi.clone()  # the region must not change when the caller's tensors do
+
+
+def _outward(t: torch.Tensor, dtype, down: bool) -> torch.Tensor:
+    """``t`` cast to ``dtype``, rounded outward (down for lower, up for upper bounds) so the cast box
+    contains the original one."""
+    c = t.to(dtype)
+    if dtype == t.dtype or not c.is_floating_point():
+        return c
+    wider = torch.promote_types(dtype, t.dtype)
+    bad = c.to(wider) > t.to(wider) if down else c.to(wider) < t.to(wider)
+    inf = torch.full_like(c, -math.inf if down else math.inf)
+    return torch.where(bad, torch.nextafter(c, inf), c)
+
+
+class Box(Region):
+    """``{x' : lo ≤ x' ≤ hi}`` per coordinate; ``lo``, ``hi`` (B, *input_shape) or broadcastable to it.
+
+    ``x`` is the centre ``(lo + hi)/2``, ``radius`` the per-coordinate half-width and ``eps`` (B,) the
+    largest half-width (the box lies in the L∞ ball of radius ``eps`` around ``x``). An L∞ ball ∩ a clip
+    box is a Box (:class:`LinfBall`). ``to(dtype)`` rounds the bounds outward: the cast box contains the
+    original one.
+    """
+
+    def __init__(self, lo, hi):
+        self._set_box(*_check_bounds(lo, hi))
+        self.x = (self._lo + self._hi) / 2
+
+    def _set_box(self, lo, hi):
+        self._lo, self._hi = lo, hi
+        n = int(np.prod(lo.shape[1:]))
+        self.eps = self.radius.reshape(lo.shape[0], n).amax(1) if n and lo.shape[0] else lo.new_zeros(lo.shape[0])
+
+    @property
+    def cubic(self) -> bool:
+        """Whether the half-width is ``eps`` in every coordinate (an L∞ ball without clip): the dual's input
+        term is then ``eps‖ν̂‖₁``."""
+        return False
+
+    def box(self):
+        return self._lo, self._hi
+
+    @property
+    def center(self):
+        return self.x
+
+    @property
+    def radius(self) -> torch.Tensor:
+        """Per-coordinate half-width of the box, (B, *input_shape)."""
+        return (self._hi - self._lo) / 2
+
+    def deviation(self, v):
+        rad = self.radius.reshape(self.batch_size, 1, -1)
+        return (self._flat(v).abs() * rad).sum(-1)
+
+    def support(self, v):
+        c = self.center.reshape(self.batch_size, 1, -1)
+        return (self._flat(v) * c).sum(-1) + self.deviation(v)
+
+    def select(self, index):
+        return Box(self._lo[index], self._hi[index])
+
+    def to(self, device=None, dtype=None):
+        dtype = dtype or self._lo.dtype
+        lo, hi = _outward(self._lo, dtype, True), _outward(self._hi, dtype, False)
+        return Box(lo.to(device=device), hi.to(device=device))
+
+    def contains(self, points, tol=1e-6):
+        p = points.reshape(points.shape[0], -1)
+        return ((p >= self._lo.reshape(p.shape) - tol) & (p <= self._hi.reshape(p.shape) + tol)).all(1)
+
+    def project(self, points):
+        return torch.max(torch.min(points, self._hi), self._lo)
+
+    def __repr__(self):
+        return f"Box(B={self.batch_size}, shape={self.input_shape}, max radius={self.eps.tolist()[:4]})"
+
+
+class LinfBall(Box):
+    """``{x' : ‖x' − x‖∞ ≤ eps}``, intersected with ``[lo, hi]`` when ``clip=(lo, hi)`` is given: a
+    :class:`Box` that keeps its centre ``x`` and ``eps`` (the given ones, also when clipped)."""
 
     def __init__(self, x, eps, clip=None):
         self.x = _check_x(x)
-        self.eps = _as_eps(eps, self.x.shape[0], self.x)
+        eps = _as_eps(eps, self.x.shape[0], self.x)
         if clip is not None:
             lo, hi = (float(c) for c in clip)
             if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
@@ -108,47 +212,31 @@ class LinfBall(Region):
                 raise ValueError(f"x lies outside the clip box {clip}")
             clip = (lo, hi)
         self.clip = clip
-        e = self.eps.reshape(-1, *([1] * (self.x.dim() - 1)))
+        e = eps.reshape(-1, *([1] * (self.x.dim() - 1)))
         lo_, hi_ = self.x - e, self.x + e
         if clip is not None:
             lo_, hi_ = lo_.clamp(min=clip[0]), hi_.clamp(max=clip[1])
-        self._lo, self._hi = lo_, hi_
+        self._set_box(lo_, hi_)
+        self.eps = eps
 
-    def box(self):
-        return self._lo, self._hi
+    @property
+    def cubic(self) -> bool:
+        return self.clip is None
 
     @property
     def center(self):
         return self.x if self.clip is None else (self._lo + self._hi) / 2
 
-    @property
-    def radius(self) -> torch.Tensor:
-        """Per-coordinate half-width of the box, (B, *input_shape)."""
-        return (self._hi - self._lo) / 2
-
     def deviation(self, v):
-        v = self._flat(v)
         if self.clip is None:
-            return self.eps[:, None] * torch.linalg.vector_norm(v, ord=1, dim=-1)
-        rad = self.radius.reshape(self.batch_size, 1, -1)
-        return (v.abs() * rad).sum(-1)
-
-    def support(self, v):
-        c = self.center.reshape(self.batch_size, 1, -1)
-        return (self._flat(v) * c).sum(-1) + self.deviation(v)
+            return self.eps[:, None] * torch.linalg.vector_norm(self._flat(v), ord=1, dim=-1)
+        return super().deviation(v)
 
     def select(self, index):
         return LinfBall(self.x[index], self.eps[index], self.clip)
 
     def to(self, device=None, dtype=None):
         return LinfBall(self.x.to(device=device, dtype=dtype), self.eps.to(device=device, dtype=dtype), self.clip)
-
-    def contains(self, points, tol=1e-6):
-        p = points.reshape(points.shape[0], -1)
-        return ((p >= self._lo.reshape(p.shape) - tol) & (p <= self._hi.reshape(p.shape) + tol)).all(1)
-
-    def project(self, points):
-        return torch.max(torch.min(points, self._hi), self._lo)
 
     def __repr__(self):
         return f"LinfBall(B={self.batch_size}, shape={self.input_shape}, eps={self.eps.tolist()[:4]}, clip={self.clip})"

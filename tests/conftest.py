@@ -176,7 +176,7 @@ def apply_C(C, f):
 
 
 def sample_region(region, n, seed=0, vertices=True):
-    """``n`` points per example in ``region``: (n, B, *input_shape). For an L∞ ball (∩ clip) uniform
+    """``n`` points per example in ``region``: (n, B, *input_shape). For a Box (an L∞ ball ∩ clip) uniform
     points plus random vertices of the box (and all vertices when there are at most 64); for an L2 ball
     uniform points in the ball plus points on its sphere."""
     g = torch.Generator().manual_seed(seed)
@@ -184,7 +184,7 @@ def sample_region(region, n, seed=0, vertices=True):
     B, shape = x.shape[0], x.shape[1:]
     d = int(np.prod(shape))
     dt = x.dtype
-    if isinstance(region, pl.LinfBall):
+    if isinstance(region, pl.Box):
         lo, hi = region.box()
         u = torch.rand(n, B, *shape, generator=g, dtype=dt)
         pts = [lo + (hi - lo) * u]
@@ -242,7 +242,7 @@ def pgd_extremes(model, region, C=None, steps=40, restarts=2, seed=0):
     rows = C.reshape(B * m, -1)
     shape = x.shape[1:]
     eps = rep.eps.reshape(-1, *([1] * len(shape)))
-    if isinstance(region, pl.LinfBall):
+    if isinstance(region, pl.Box):
         lo, hi = rep.box()
         span = (hi - lo).reshape(B * m, -1).amax(1).reshape(-1, *([1] * len(shape)))
     else:
@@ -263,7 +263,7 @@ def pgd_extremes(model, region, C=None, steps=40, restarts=2, seed=0):
                 best = torch.minimum(best, val.detach())
                 (grad,) = torch.autograd.grad(val.sum(), z)
                 with torch.no_grad():
-                    if isinstance(region, pl.LinfBall):
+                    if isinstance(region, pl.Box):
                         z = z - step * grad.sign()
                     else:
                         gn = grad.reshape(B * m, -1).norm(dim=1).clamp(min=1e-30)

@@ -112,3 +112,25 @@ def test_attacks_take_a_region_or_say_why_not():
         pl.pgd(model, x, y)
     with pytest.raises(ValueError, match="FGSM takes a sign step"):
         pl.fgsm(model, pl.L2Ball(x, 0.3), y)
+
+
+def test_attacks_over_a_non_cubic_box_stay_inside_and_find_its_extremes():
+    """pgd, fgsm and pgd_minimize over a Box with per-coordinate widths (one of them 0): every point lies
+    in the box, and on a linear model pgd_minimize reaches the vertex that minimises each row."""
+    g = torch.Generator().manual_seed(0)
+    lo = torch.rand(3, 4, generator=g, dtype=torch.float64)
+    hi = lo + torch.tensor([0.5, 0.0, 0.05, 0.2], dtype=torch.float64)
+    box = pl.Box(lo, hi)
+    model = make_mlp([4, 8, 3], seed=0)
+    y = _labels(model, box.x)
+    for x_adv in (pl.pgd(model, box, y, seed=1)[0], pl.fgsm(model, box, y)[0]):
+        assert box.contains(x_adv, tol=1e-12).all()
+    linear = torch.nn.Linear(4, 2).double()
+    C = torch.eye(2, dtype=torch.float64)
+    values, points = pl.pgd_minimize(linear, box, C, steps=30)
+    assert ((points >= lo[:, None] - 1e-12) & (points <= hi[:, None] + 1e-12)).all()
+    with torch.no_grad():
+        w, b0 = linear.weight, linear.bias
+        best = torch.where(w > 0, lo[:, None], hi[:, None])        # (3, 2, 4): the minimising vertex
+        exact = (best * w).sum(-1) + b0
+    torch.testing.assert_close(values, exact, rtol=0, atol=1e-9)

@@ -326,6 +326,62 @@ def test_clip_box_degenerate_is_exact(bounder, net):
     torch.testing.assert_close(b.upper, expected, rtol=0, atol=1e-5)
 
 
+def test_box_equal_to_a_clipped_ball_gives_the_same_bounds(bounder, net):
+    """Box(lo, hi) with the bounds of a clipped LinfBall is the same set: the same bounds."""
+    model, shape, x = net
+    C = _C()
+    x = x.clone()
+    x.reshape(B, -1)[:, 0] = 0.0
+    ball = pl.LinfBall(x, 0.1, clip=(0.0, 1.0))
+    box = pl.Box(*ball.box())
+    a, b = bounder.bound(model, ball, C=C), bounder.bound(model, box, C=C)
+    torch.testing.assert_close(b.lower, a.lower, **agreement(bounder))
+    torch.testing.assert_close(b.upper, a.upper, **agreement(bounder))
+
+
+def _skewed_box(x, seed=5):
+    """A genuinely non-cubic box around x: per-coordinate half-widths in [0, 0.2], a few of them 0."""
+    g = torch.Generator().manual_seed(seed)
+    rad = 0.2 * torch.rand(x.shape, generator=g, dtype=x.dtype)
+    rad.reshape(x.shape[0], -1)[:, ::3] = 0.0
+    shift = 0.05 * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    return pl.Box(x + shift - rad, x + shift + rad)
+
+
+def test_box_bounds_hold_for_sampled_points(bounder, net):
+    model, shape, x = net
+    C = _C()
+    box = _skewed_box(x)
+    b = bounder.bound(model, box, C=C)
+    assert b.lower.shape == (B, 5) and (b.lower <= b.upper + 1e-7).all()
+    assert_within(sampled_values(model, box, C, n=300), b.lower, b.upper)
+
+
+def test_box_degenerate_is_exact(bounder, net):
+    """lo = hi: the box is a point, the bounds are its values."""
+    model, shape, x = net
+    C = _C()
+    b = bounder.bound(model, pl.Box(x, x), C=C)
+    expected = apply_C(C, output_of(model, x))
+    torch.testing.assert_close(b.lower, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.upper, expected, rtol=0, atol=1e-5)
+
+
+def test_box_certify_is_sound(bounder, net):
+    """certify over a Box: "certified" examples have no sampled point of another class."""
+    model, shape, x = net
+    box = _skewed_box(x, seed=6)
+    y = output_of(model, box.x).argmax(1)
+    cert = bounder.certify(model, box, y)
+    n_out = output_of(model, x[:1]).shape[1]
+    worst = sampled_values(model, box, pl.margin_matrix(y, n_out), n=200).amin(dim=(0, 2))
+    for i, s in enumerate(cert.status):
+        if s == "certified":
+            assert worst[i] > 0
+        if s == "counterexample":
+            assert box.select([i]).contains(cert.counterexample[i:i + 1]).all()
+
+
 def test_l2_ball(bounder, net):
     model, shape, x = net
     C = _C()

@@ -31,14 +31,14 @@ def bound_errors(estimated, exact):
     return max(((a[0] - b[0]).abs() / (b[1] - b[0])).mean().item() for a, b in zip(estimated, exact))
 
 
-@pytest.mark.parametrize("region_kind", ["linf", "linf-clip", "l2"])
+@pytest.mark.parametrize("region_kind", ["linf", "linf-clip", "box", "l2"])
 def test_estimate_converges_at_the_estimators_rate(region_kind):
     """Relative radius errors shrink like 1/√k: median of |Cauchy| (std π/(2√k)) for L∞,
     root mean square of Gaussians (std 1/√(2k)) for L2; intermediate bounds follow."""
     net = as_network(make_mlp(WIDE), (WIDE[0],))
     x = random_inputs((WIDE[0],), batch=2)
     region = {"linf": pl.LinfBall(x, 0.05), "linf-clip": pl.LinfBall(x, 0.05, clip=(0, 1)),
-              "l2": pl.L2Ball(x, 1.0)}[region_kind]
+              "box": pl.Box(x - 0.1 * x, x + 0.05 * (1 - x)), "l2": pl.L2Ball(x, 1.0)}[region_kind]
     exact = intermediate_bounds(net, region)
     scale = math.pi / 2 if region_kind != "l2" else math.sqrt(0.5)  # std of the relative error × √k
     rel, z, layers = {}, {}, {}

@@ -379,3 +379,91 @@ def test_dtype_mismatch_is_handled(model_dtype, x_dtype, kind):
             continue
         ref = pl.Bounder.create(name).bound(model, pl.LinfBall(x.to(model_dtype), 0.1))
         torch.testing.assert_close(b.lower.to(model_dtype), ref.lower, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Box
+# --------------------------------------------------------------------------------------------------
+
+def test_box_validation():
+    lo = torch.zeros(2, 3, dtype=DT)
+    with pytest.raises(ValueError, match=r"empty box: lo > hi at index \(1, 2\)"):
+        hi = torch.ones(2, 3, dtype=DT)
+        hi[1, 2] = -0.5
+        pl.Box(lo, hi)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pl.Box(lo, torch.full((2, 3), float("inf"), dtype=DT))
+    with pytest.raises(ValueError, match="batched"):
+        pl.Box(torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="do not broadcast"):
+        pl.Box(torch.zeros(2, 3), torch.ones(2, 4))
+
+
+def test_box_broadcasts_and_is_not_changed_by_the_caller():
+    lo = torch.zeros(1, 3, dtype=DT)
+    hi = torch.tensor([[1.0, 2.0, 0.0]], dtype=DT).expand(4, 3)
+    r = pl.Box(lo, np.asarray(hi))
+    assert r.batch_size == 4 and r.input_shape == (3,)
+    torch.testing.assert_close(r.x, hi / 2)
+    torch.testing.assert_close(r.radius, hi / 2)
+    torch.testing.assert_close(r.eps, torch.ones(4, dtype=DT))
+    lo += 5.0
+    assert (r.box()[0] == 0).all()
+
+
+def test_box_support_is_the_max_over_vertices():
+    g = torch.Generator().manual_seed(4)
+    lo = torch.rand(2, 2, 3, generator=g, dtype=DT)
+    hi = lo + torch.rand(2, 2, 3, generator=g, dtype=DT) * torch.tensor([0.0, 1.0, 0.3], dtype=DT)
+    r = pl.Box(lo, hi)
+    v = torch.randn(2, 4, 2, 3, generator=g, dtype=DT)
+    for b in range(2):
+        verts = _vertices(lo[b].reshape(-1), hi[b].reshape(-1))
+        brute = (v[b].reshape(4, -1) @ verts.t()).max(1).values
+        torch.testing.assert_close(r.support(v)[b], brute, rtol=1e-12, atol=1e-12)
+        centre = (v[b].reshape(4, -1) * r.center[b].reshape(1, -1)).sum(1)
+        torch.testing.assert_close(r.deviation(v)[b], brute - centre)
+
+
+@pytest.mark.parametrize("clip", [None, (0.0, 1.0)])
+def test_linf_ball_is_a_box_with_its_own_centre(clip):
+    x = torch.rand(3, 4, dtype=DT)
+    ball = pl.LinfBall(x, 0.3, clip=clip)
+    box = pl.Box(*ball.box())
+    assert isinstance(ball, pl.Box) and ball.cubic == (clip is None) and not box.cubic
+    assert torch.equal(ball.x, x) and torch.equal(ball.eps, torch.full((3,), 0.3, dtype=DT))
+    torch.testing.assert_close(box.center, ball.center)
+    torch.testing.assert_close(box.radius, ball.radius)
+    v = torch.randn(3, 2, 4, dtype=DT)
+    torch.testing.assert_close(box.support(v), ball.support(v))
+    pts = x + torch.randn(3, 4, dtype=DT)
+    torch.testing.assert_close(box.project(pts), ball.project(pts))
+    assert torch.equal(box.contains(pts), ball.contains(pts))
+
+
+def test_box_select_contains_project_and_outward_cast():
+    lo = torch.tensor([[0.1, -1.0], [0.2, 0.0], [0.3, 0.5]], dtype=DT)
+    hi = lo + torch.tensor([[0.2, 0.0]], dtype=DT)
+    r = pl.Box(lo, hi)
+    s = r.select(torch.tensor([2, 0, 2]))
+    assert type(s) is pl.Box
+    torch.testing.assert_close(s.box()[0], lo[[2, 0, 2]])
+    far = hi + 1.0
+    assert not r.contains(far).any() and r.contains(r.project(far)).all()
+    torch.testing.assert_close(r.project(far), hi)
+    r32 = r.to(dtype=torch.float32)
+    assert r32.x.dtype == torch.float32
+    lo32, hi32 = r32.box()
+    assert (lo32.double() <= lo).all() and (hi32.double() >= hi).all()   # 0.1 etc. round outward
+    assert (lo32.double() < lo).any() and (hi32.double() > hi).any()
+
+
+def test_box_runs_through_the_bounders(mlp):
+    """interval and dual give the same bounds on a Box as on the LinfBall it equals (clip=None)."""
+    x = random_inputs((4,), batch=3, seed=1)
+    ball = pl.LinfBall(x, 0.1)
+    box = pl.Box(x - 0.1, x + 0.1)
+    for name in ("interval", "dual"):
+        a, b = (pl.Bounder.create(name).bound(mlp, r) for r in (ball, box))
+        torch.testing.assert_close(a.lower, b.lower)
+        torch.testing.assert_close(a.upper, b.upper)

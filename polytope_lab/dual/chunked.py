@@ -10,7 +10,7 @@ from .backward import unit_bounds
 from .columns import basis, unit_columns
 from .relu import relu_slopes, relu_terms, unstable_units
 from ..network import Network
-from ..regions import L2Ball, LinfBall, Region
+from ..regions import Box, L2Ball, Region
 
 
 def _push_up(network: Network, slopes: list, M: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -57,15 +57,15 @@ def column_chunked_bounds(network: Network, region: Region, column_chunk: int, d
     """
     if isinstance(column_chunk, bool) or not isinstance(column_chunk, int) or column_chunk < 1:
         raise ValueError(f"column_chunk must be an integer >= 1, got {column_chunk!r}")
-    if not isinstance(region, (LinfBall, L2Ball)):
-        raise ValueError(f"column chunking needs a LinfBall or an L2Ball, got {type(region).__name__}")
+    if not isinstance(region, (Box, L2Ball)):
+        raise ValueError(f"column chunking needs a Box (LinfBall) or an L2Ball, got {type(region).__name__}")
     main = region.x.device
     devices = [torch.device(d) for d in (devices or [main])]
     if network.has_skips:
         return _row_chunked_bounds(network, region, column_chunk, devices)
     nets = {device: network.to(device) for device in set(devices)}
     B, n0 = region.batch_size, network.input_size
-    weight = region.radius.reshape(B, n0) if isinstance(region, LinfBall) else None    # None: L2, Σ F² then √
+    weight = region.radius.reshape(B, n0) if isinstance(region, Box) else None    # None: L2, Σ F² then √
     h = network.affines[0].forward(region.center).reshape(B, -1)                       # (B, n_i)
     bounds, slopes, units = [], [], []  # units[j]: (order, dI, lI), each (B, q_j), of ReLU layer j
     for i in range(network.n_relu_layers):

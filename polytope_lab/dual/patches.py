@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..network import Conv2dOp, numel
-from ..regions import L2Ball, LinfBall, Region
+from ..regions import Box, L2Ball, Region
 
 MAX_TRANSFER = 2 ** 24  # entries of a patch-to-patch matrix before we stop using patches
 
@@ -100,9 +100,9 @@ class PatchRows:
         if isinstance(region, L2Ball):
             inside = self.window(region.x.new_ones(1, *self.in_shape))
             return region.eps[:, None] * (self.P.square() * inside).sum(-1).sqrt().reshape(B, -1)
-        if not isinstance(region, LinfBall):
+        if not isinstance(region, Box):
             return region.deviation(self.dense())
-        if region.clip is None:
+        if region.cubic:
             inside = self.window(region.x.new_ones(1, *self.in_shape))
             return region.eps[:, None] * (self.P.abs() * inside).sum(-1).reshape(B, -1)
         return (self.P.abs() * self.window(region.radius)).sum(-1).reshape(B, -1)

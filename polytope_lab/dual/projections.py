@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..regions import L2Ball, LinfBall, Region
+from ..regions import Box, L2Ball, Region
 
 
 def check_proj(proj):
@@ -44,14 +44,14 @@ class InputSketch(NamedTuple):
 
 
 def sketch_input(region: Region, n0: int, k: int, generator) -> InputSketch:
-    """The sketch of the n_0 input columns (k combinations drawn from ``generator``) for a LinfBall or an
-    L2Ball."""
-    if not isinstance(region, (LinfBall, L2Ball)):
-        raise ValueError(f"random projections need a LinfBall or an L2Ball, got {type(region).__name__}")
+    """The sketch of the n_0 input columns (k combinations drawn from ``generator``) for a Box (LinfBall)
+    or an L2Ball."""
+    if not isinstance(region, (Box, L2Ball)):
+        raise ValueError(f"random projections need a Box (LinfBall) or an L2Ball, got {type(region).__name__}")
     B = region.batch_size
-    kind = "cauchy" if isinstance(region, LinfBall) else "gauss"
+    kind = "cauchy" if isinstance(region, Box) else "gauss"
     R = random_matrix(kind, (1, k, n0), generator, region.x)
-    if isinstance(region, LinfBall) and region.clip is not None:   # per-coordinate radius
+    if isinstance(region, Box) and not region.cubic:   # per-coordinate radius
         return InputSketch(region.radius.reshape(B, 1, n0) * R, None, kind)
     return InputSketch(R, region.eps.reshape(B), kind)
 
