@@ -1,0 +1,337 @@
+"""ONNX networks to the normal form (:class:`~polytope_lab.network.Network`); onnxruntime is the test oracle.
+
+``load_onnx(path_or_model)`` interprets the graph once, symbolically: a value that depends on the input is
+a :class:`~polytope_lab.convert.Expression` built with the same :class:`~polytope_lab.convert.Builder` as
+:func:`~polytope_lab.convert.from_torch` (so residual ``Add`` s become skip terms and each ``Relu`` closes a
+layer); every other value is a numpy constant, so the constant subgraphs exporters emit (``Shape`` →
+``Gather`` → ``Unsqueeze`` → ``Concat`` → ``Reshape``) fold away. Consecutive affine maps are merged where
+that is exact (:func:`polytope_lab.onnx_ops.simplify`): normalisation ``Sub``/``Div`` into the next dense
+layer, ``BatchNormalization`` into the convolution before it, ``MatMul`` + ``Add`` into one layer.
+
+Conventions: the graph has one input and one output; the input's leading dimension is the batch (1 or
+symbolic) and is dropped, so ``[1, 784, 1]`` gives ``input_shape == (784, 1)``; every value that depends on
+the input keeps that batch axis of size 1 in front; the output is flattened in C order (``Y_j`` of VNN-LIB).
+A ``Relu`` after the last layer is kept (an identity affine after it). Weights become ``dtype`` tensors
+(default float64: the float32 ONNX weights are represented exactly). ``load_onnx(..., as_torch=True)``
+or :func:`to_sequential` gives an equivalent ``nn.Sequential`` when the network has no skip connections.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+from .convert import Builder, Expression, register_layer
+from .network import Affine, ComposedOp, Conv2dOp, IdentityOp, LinearOp, Network, numel
+from .onnx_ops import ElementwiseOp, IndexOp, simplify
+from .onnx_constants import (CONSTANT_OPS, REARRANGE_OPS, SUPPORTED_OPS, as_constant, attributes, conv_pads,
+                             evaluate_constant, unsupported)
+
+
+
+def _as_model(path_or_model) -> onnx.ModelProto:
+    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is only a help: the interpreter computes every shape itself
+        return model
+
+
+def _input_shape(value_info) -> tuple:
+    """The per-example shape of the graph input (leading batch dimension 1 or symbolic, dropped)."""
+    t = value_info.type.tensor_type
+    if t.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+        raise ValueError(f"input {value_info.name!r}: only float inputs are supported "
+                         f"(got {onnx.TensorProto.DataType.Name(t.elem_type)})")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    if not dims or dims[0] not in (1, None):
+        raise ValueError(f"input {value_info.name!r} has shape {dims}: its leading dimension must be the batch "
+                         "(1 or symbolic)")
+    if any(d is None or d <= 0 for d in dims[1:]):
+        raise ValueError(f"input {value_info.name!r} has dynamic dimensions {dims[1:]} besides the batch: "
+                         "only a fixed per-example shape is supported")
+    return tuple(dims[1:])
+
+
+def _needed(graph, output: str) -> list:
+    """The nodes the output depends on, in graph order (dead branches are never interpreted)."""
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
+    seen, stack = set(), [output]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is not None and i not in seen:
+            seen.add(i)
+            stack.extend(n for n in graph.node[i].input if n)
+    return [graph.node[i] for i in sorted(seen)]
+
+
+class _Interpreter:
+    """Runs the graph with numpy constants and symbolic :class:`Expression` s (per-example shapes)."""
+
+    def __init__(self, graph, dtype):
+        self.dtype = dtype
+        self.ref = torch.zeros((), dtype=dtype)
+        inits = {t.name for t in graph.initializer}
+        inputs = [v for v in graph.input if v.name not in inits]
+        if len(inputs) != 1 or len(graph.output) != 1:
+            raise ValueError(f"the graph must have one input and one output, not {len(inputs)} inputs "
+                             f"{[v.name for v in inputs]} and {len(graph.output)} outputs "
+                             f"{[v.name for v in graph.output]}")
+        self.input_shape = _input_shape(inputs[0])
+        self.builder = Builder(self.input_shape, self.ref)
+        self.values = {t.name: as_constant(numpy_helper.to_array(t)) for t in graph.initializer}
+        self.values[inputs[0].name] = self.builder.input
+        self.graph = graph
+
+    def tensor(self, array) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(array, dtype=np.float64), dtype=self.dtype)
+
+    def run(self) -> Network:
+        out_name = self.graph.output[0].name
+        for node in _needed(self.graph, out_name):
+            ins = [self.values[n] if n else None for n in node.input]
+            symbolic = any(isinstance(v, Expression) for v in ins)
+            if symbolic and node.op_type in _SYMBOLIC:
+                outs = [_SYMBOLIC[node.op_type](self, node, ins, attributes(node))]
+            elif node.op_type == "Shape" or (not symbolic and node.op_type in CONSTANT_OPS):
+                ins = [np.zeros((1,) + v.shape) if isinstance(v, Expression) else v for v in ins]
+                outs = evaluate_constant(node, ins)
+            else:
+                raise unsupported(node)
+            self.values.update(zip(node.output, outs))
+        out = self.values[out_name]
+        if not isinstance(out, Expression):
+            raise ValueError(f"the output {out_name!r} does not depend on the input")
+        net = self.builder.finish(out)
+        skips = {i: [(j, simplify(S)) for j, S in terms] for i, terms in net.skips.items()}
+        return Network([simplify(a) for a in net.affines], self.input_shape, skips)
+
+    # helpers for the symbolic ops
+    def full(self, expr: Expression) -> tuple:
+        return (1,) + tuple(expr.shape)
+
+    def batched(self, node, shape) -> tuple:
+        """The per-example part of the full shape of an input-dependent result (its batch axis must stay)."""
+        shape = tuple(int(d) for d in shape)
+        if not shape or shape[0] != 1:
+            raise unsupported(node, f"its result {shape} would not keep the batch axis (size 1) in front")
+        return shape[1:]
+
+    def elementwise(self, expr, scale, shift) -> Expression:
+        s = self.tensor(np.broadcast_to(scale, self.full(expr))[0])
+        t = self.tensor(np.broadcast_to(shift, self.full(expr))[0])
+        return self.builder.affine(expr, ElementwiseOp(s, t, expr.shape))
+
+
+def _rearrange(it, node, ins, attrs):
+    """Reshape-like ops (a pure reshape, or an :class:`IndexOp` when entries move) on the data input."""
+    x = ins[0]
+    if any(isinstance(v, Expression) for v in ins[1:]):
+        raise unsupported(node, "only its first input may depend on the network input")
+    index = np.arange(numel(it.full(x))).reshape(it.full(x))
+    out = evaluate_constant(node, [index] + list(ins[1:]))[0]
+    shape = it.batched(node, out.shape)
+    if np.array_equal(out.reshape(-1), index.reshape(-1)):
+        return it.builder.reshape(x, shape)
+    return it.builder.affine(x, IndexOp(out, x.shape, shape, it.ref))
+
+
+def _arithmetic(it, node, ins, attrs):
+    """Add/Sub/Mul/Div/Neg with a constant operand, or Add/Sub of two input-dependent values (residuals)."""
+    op = node.op_type
+    if op == "Neg":
+        return it.elementwise(ins[0], -1.0, 0.0)
+    a, b = ins
+    if isinstance(a, Expression) and isinstance(b, Expression):
+        if op not in ("Add", "Sub"):
+            raise unsupported(node, "the product or quotient of two input-dependent values is not affine")
+        if a.shape != b.shape:
+            raise unsupported(node, f"adding input-dependent values of shapes {it.full(a)} and {it.full(b)} "
+                                     "(no broadcasting between them)")
+        return it.builder.add(a, b if op == "Add" else it.elementwise(b, -1.0, 0.0))
+    x, c, first = (a, b, True) if isinstance(a, Expression) else (b, a, False)
+    if np.broadcast_shapes(it.full(x), c.shape) != it.full(x):
+        raise unsupported(node, f"the constant of shape {c.shape} would broadcast the value {it.full(x)}")
+    if op == "Add":
+        return it.elementwise(x, 1.0, c)
+    if op == "Sub":
+        return it.elementwise(x, 1.0, -c) if first else it.elementwise(x, -1.0, c)
+    if op == "Mul":
+        return it.elementwise(x, c, 0.0)
+    if not first:
+        raise unsupported(node, "dividing by an input-dependent value is not affine")
+    if (c == 0).any():
+        raise unsupported(node, "division by zero")
+    return it.elementwise(x, 1.0 / c, 0.0)
+
+
+def _constant_operand(node, value, what):
+    if value is None or isinstance(value, Expression):
+        raise unsupported(node, f"{what} must be a constant (an initializer or a constant subgraph)")
+    return value
+
+
+def _gemm(it, node, ins, attrs):
+    a, b = ins[0], _constant_operand(node, ins[1], "operand B")
+    if not isinstance(a, Expression):
+        raise unsupported(node, "operand B depends on the input; only A may")
+    if attrs.get("transA", 0):
+        a = _rearrange(it, _transpose_node(node), [a], {})
+    w = b.T if attrs.get("transB", 0) else b
+    if len(it.full(a)) != 2 or w.ndim != 2 or w.shape[0] != a.shape[0]:
+        raise unsupported(node, f"operands of shapes {it.full(a)} and {b.shape}")
+    bias = np.zeros(w.shape[1])
+    if len(ins) > 2 and ins[2] is not None:
+        c = _constant_operand(node, ins[2], "operand C")
+        bias = attrs.get("beta", 1.0) * np.broadcast_to(c, (1, w.shape[1]))[0]
+    weight = attrs.get("alpha", 1.0) * w.T
+    return it.builder.affine(a, LinearOp(it.tensor(weight), it.tensor(bias), a.shape))
+
+
+def _transpose_node(node):
+    return onnx.helper.make_node("Transpose", [node.input[0]], [node.output[0]], name=node.name, perm=[1, 0])
+
+
+def _matmul(it, node, ins, attrs):
+    x, w = ins
+    if not isinstance(x, Expression) or isinstance(w, Expression):
+        raise unsupported(node, "only x @ W with the constant W on the right is supported")
+    full = it.full(x)
+    if w.ndim != 2 or len(full) < 2 or full[-1] != w.shape[0]:
+        raise unsupported(node, f"operands of shapes {full} and {w.shape}")
+    rows = numel(full[1:-1])  # x @ W on each row of the per-example part
+    weight = np.kron(np.eye(rows), w.T) if rows > 1 else w.T
+    out = full[1:-1] + (w.shape[1],)
+    op = LinearOp(it.tensor(weight), None, x.shape)
+    return it.builder.reshape(it.builder.affine(x, op), out)
+
+
+def _image(it, node, x) -> tuple:
+    full = it.full(x)
+    if len(full) != 4:
+        raise unsupported(node, f"only 2-d images (N, C, H, W) are supported, got shape {full}")
+    return full[1:]
+
+
+def _conv(it, node, ins, attrs):
+    x, w = ins[0], _constant_operand(node, ins[1], "the weight")
+    if not isinstance(x, Expression):
+        raise unsupported(node, "the weight depends on the input")
+    if attrs.get("group", 1) != 1:
+        raise unsupported(node, f"group={attrs['group']} (only group=1)")
+    shape = _image(it, node, x)
+    if w.ndim != 4 or w.shape[1] != shape[0]:
+        raise unsupported(node, f"weight of shape {w.shape} on input {it.full(x)}")
+    strides, dilations = tuple(attrs.get("strides", (1, 1))), tuple(attrs.get("dilations", (1, 1)))
+    pads = conv_pads(node, attrs, shape[1:], w.shape[2:], strides, dilations)
+    bias = None if len(ins) < 3 or ins[2] is None else it.tensor(_constant_operand(node, ins[2], "the bias"))
+    return it.builder.affine(x, Conv2dOp(it.tensor(w), bias, shape, strides, pads, dilations))
+
+
+def _average_pool(it, node, ins, attrs):
+    """AveragePool / GlobalAveragePool as a convolution (a per-position divisor without padded entries)."""
+    x = ins[0]
+    c, h, w = _image(it, node, x)
+    kernel = (h, w) if node.op_type == "GlobalAveragePool" else tuple(attrs["kernel_shape"])
+    strides, dilations = tuple(attrs.get("strides", (1, 1))), tuple(attrs.get("dilations", (1, 1)))
+    pads = conv_pads(node, attrs, (h, w), kernel, strides, dilations)
+    ones = torch.ones(1, 1, *kernel, dtype=it.dtype)
+    weight = torch.eye(c, dtype=it.dtype).reshape(c, c, 1, 1) * ones
+    conv = Conv2dOp(weight, None, (c, h, w), strides, pads, dilations)
+    counts = torch.nn.functional.conv2d(torch.ones(1, 1, h, w, dtype=it.dtype), ones, None, strides, pads,
+                                        dilations)[0]
+    if not attrs.get("count_include_pad", 0) or not any(pads):
+        divisor = counts.expand(conv.out_shape)
+    else:
+        divisor = torch.full(conv.out_shape, float(numel(kernel)), dtype=it.dtype)
+    y = it.builder.affine(x, conv)
+    return it.builder.affine(y, ElementwiseOp(1.0 / divisor, torch.zeros_like(divisor), conv.out_shape))
+
+
+def _batch_norm(it, node, ins, attrs):
+    x = ins[0]
+    if attrs.get("training_mode", 0) or len([o for o in node.output if o]) > 1:
+        raise unsupported(node, "only inference mode (training_mode=0, one output)")
+    scale, bias, mean, var = (_constant_operand(node, v, "its parameters") for v in ins[1:5])
+    full = it.full(x)
+    if len(full) < 2 or scale.shape != (full[1],):
+        raise unsupported(node, f"{scale.shape[0]} channels on a value of shape {full}")
+    s = scale / np.sqrt(var + attrs.get("epsilon", 1e-5))
+    view = (1, -1) + (1,) * (len(full) - 2)
+    return it.elementwise(x, s.reshape(view), (bias - mean * s).reshape(view))
+
+
+def _relu(it, node, ins, attrs):
+    return it.builder.relu(ins[0])
+
+
+_SYMBOLIC = {"Relu": _relu, "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm,
+             "AveragePool": _average_pool, "GlobalAveragePool": _average_pool,
+             **{op: _arithmetic for op in ("Add", "Sub", "Mul", "Div", "Neg")},
+             **{op: _rearrange for op in REARRANGE_OPS}}
+
+
+def load_onnx(path_or_model, *, dtype=torch.float64, as_torch: bool = False):
+    """The ONNX network at ``path_or_model`` (a path or an ``onnx.ModelProto``) as a :class:`Network`
+    (``as_torch=True``: as an equivalent ``nn.Sequential``, see :func:`to_sequential`). Unsupported ops,
+    several inputs or outputs, dynamic shapes → ``ValueError`` naming the problem (and the supported ops)."""
+    model = _as_model(path_or_model)
+    net = _Interpreter(model.graph, dtype).run()
+    return to_sequential(net) if as_torch else net
+
+
+class AffineLayer(nn.Module):
+    """An :class:`~polytope_lab.network.Affine` operator as a fixed module (no parameters);
+    :func:`~polytope_lab.convert.from_torch` reads it back as that operator."""
+
+    def __init__(self, op: Affine):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op.forward(x).reshape(x.shape[0], *self.op.out_shape)
+
+
+register_layer(AffineLayer, lambda layer, expr, builder: builder.affine(expr, layer.op))
+
+
+def _modules(op: Affine, shape: tuple) -> list:
+    """Modules computing ``op`` on inputs of per-example ``shape``: nn.Linear / nn.Conv2d (trainable
+    copies of the weights) where they fit, :class:`AffineLayer` otherwise."""
+    if isinstance(op, IdentityOp):
+        return []
+    if isinstance(op, LinearOp):
+        layer = nn.Linear(op.in_features, op.out_features, dtype=op.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(op.weight)
+            layer.bias.copy_(op.bias())
+        return ([nn.Flatten()] if len(shape) != 1 else []) + [layer]
+    if isinstance(op, Conv2dOp) and tuple(shape) == op.in_shape:
+        c_out, c_in, kh, kw = op.weight.shape
+        layer = nn.Conv2d(c_in, c_out, (kh, kw), op.stride, op.padding, op.dilation, dtype=op.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(op.weight)
+            layer.bias.copy_(op.channel_bias)
+        return [layer]
+    return [AffineLayer(op)]
+
+
+def to_sequential(network: Network) -> nn.Sequential:
+    """An ``nn.Sequential`` computing ``network`` (which must have no skip connections): its affine maps
+    as nn.Linear / nn.Conv2d where they fit (trainable copies) and :class:`AffineLayer` otherwise, with
+    nn.ReLU between them; ``from_torch(to_sequential(net), net.input_shape)`` is ``net`` again."""
+    if network.has_skips:
+        raise ValueError("a network with skip connections is not a chain: use the Network itself")
+    layers, shape = [], network.input_shape
+    for i, op in enumerate(network.affines):
+        for part in (op.parts if isinstance(op, ComposedOp) else [op]):
+            layers += _modules(part, shape)
+            shape = part.out_shape
+        if i < len(network.affines) - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).eval()
+
+
+__all__ = ["load_onnx", "to_sequential", "AffineLayer", "SUPPORTED_OPS"]

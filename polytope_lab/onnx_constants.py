@@ -1,0 +1,197 @@
+"""Numpy evaluation of ONNX nodes on constants (constant folding for :mod:`polytope_lab.onnx`), node
+attributes, convolution padding, and the converter's error messages.
+
+The rearranging ops (``REARRANGE_OPS``: Flatten, Reshape, Transpose, Slice, ...) are also evaluated here
+on an array of flat indices, which is how the converter turns them into index maps of input-dependent
+values.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+SUPPORTED_OPS = ("Add", "AveragePool", "BatchNormalization", "Constant", "Conv (2-d, group=1)", "Div", "Flatten",
+                 "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul", "Mul", "Neg", "Relu", "Reshape",
+                 "Slice", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+                 "on constants only: Cast, Concat, ConstantOfShape, Range, Shape")
+REARRANGE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Gather")
+
+
+def describe(node) -> str:
+    return f"node {node.name or node.output[0]!r} (op type {node.op_type})"
+
+
+def unsupported(node, why: str = "") -> ValueError:
+    """The converter's error for ``node``: names it, its op type, why, and the supported ops."""
+    extra = f": {why}" if why else ""
+    return ValueError(f"unsupported ONNX {describe(node)}{extra}. Supported ops: {', '.join(SUPPORTED_OPS)}")
+
+
+def as_constant(array) -> np.ndarray:
+    """A numpy constant; floating point ones in float64."""
+    array = np.asarray(array)
+    return array.astype(np.float64) if np.issubdtype(array.dtype, np.floating) else array
+
+
+def attributes(node) -> dict:
+    """{name: value} of ``node``'s attributes (tensors as numpy arrays, strings decoded)."""
+    out = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        if isinstance(v, onnx.TensorProto):
+            v = numpy_helper.to_array(v)
+        elif isinstance(v, bytes):
+            v = v.decode()
+        out[a.name] = v
+    return out
+
+
+def _ints(value) -> list:
+    return [int(v) for v in np.asarray(value).reshape(-1)]
+
+
+def _axes(node, ins, attrs):
+    """The ``axes`` of Squeeze/Unsqueeze: an attribute before opset 13, an optional input since."""
+    if "axes" in attrs:
+        return _ints(attrs["axes"])
+    return _ints(ins[1]) if len(ins) > 1 and ins[1] is not None else None
+
+
+def _reshape(node, ins, attrs):
+    x = ins[0]
+    dims = _ints(ins[1]) if len(ins) > 1 else _ints(attrs["shape"])
+    if not attrs.get("allowzero", 0):
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
+def _flatten(node, ins, attrs):
+    x = ins[0]
+    axis = attrs.get("axis", 1) % (x.ndim + 1) if x.ndim else 0
+    return x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))
+
+
+def _slice(node, ins, attrs):
+    x = ins[0]
+    if len(ins) > 1:  # opset >= 10: starts, ends, axes, steps as inputs
+        starts, ends = _ints(ins[1]), _ints(ins[2])
+        axes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
+        steps = _ints(ins[4]) if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = _ints(attrs["starts"]), _ints(attrs["ends"])
+        axes = _ints(attrs.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[axis] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def _unsqueeze(node, ins, attrs):
+    return np.expand_dims(ins[0], tuple(_axes(node, ins, attrs)))
+
+
+def _squeeze(node, ins, attrs):
+    axes = _axes(node, ins, attrs)
+    return np.squeeze(ins[0]) if axes is None else np.squeeze(ins[0], tuple(axes))
+
+
+def _constant_node(node, ins, attrs):
+    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        if key in attrs:
+            return np.asarray(attrs[key])
+    raise unsupported(node, f"a Constant with attributes {sorted(attrs)}")
+
+
+def _divide(node, ins, attrs):
+    a, b = ins
+    if np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer):
+        return np.trunc(a / b).astype(np.result_type(a, b))
+    return a / b
+
+
+def _shape(node, ins, attrs):
+    shape = ins[0].shape
+    return np.array(shape[attrs.get("start", 0):attrs.get("end", len(shape))], dtype=np.int64)
+
+
+def _constant_of_shape(node, ins, attrs):
+    value = np.asarray(attrs.get("value", np.zeros(1, dtype=np.float32))).reshape(-1)
+    return np.full(_ints(ins[0]), value[0], dtype=value.dtype)
+
+
+def _cast(node, ins, attrs):
+    return ins[0].astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
+
+
+CONSTANT_OPS = {
+    "Constant": _constant_node,
+    "Identity": lambda node, ins, attrs: ins[0],
+    "Shape": _shape,
+    "Gather": lambda node, ins, attrs: np.take(ins[0], ins[1], axis=attrs.get("axis", 0)),
+    "Concat": lambda node, ins, attrs: np.concatenate(ins, axis=attrs["axis"]),
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Reshape": _reshape,
+    "Flatten": _flatten,
+    "Transpose": lambda node, ins, attrs: np.transpose(ins[0], attrs.get("perm")),
+    "Slice": _slice,
+    "Cast": _cast,
+    "ConstantOfShape": _constant_of_shape,
+    "Range": lambda node, ins, attrs: np.arange(ins[0], ins[1], ins[2]),
+    "Add": lambda node, ins, attrs: ins[0] + ins[1],
+    "Sub": lambda node, ins, attrs: ins[0] - ins[1],
+    "Mul": lambda node, ins, attrs: ins[0] * ins[1],
+    "Div": _divide,
+    "Neg": lambda node, ins, attrs: -ins[0],
+    "Relu": lambda node, ins, attrs: np.maximum(ins[0], 0),
+}
+
+
+def evaluate_constant(node, ins) -> list:
+    """The outputs of ``node`` on the numpy arrays ``ins`` (None for an omitted optional input)."""
+    fn = CONSTANT_OPS.get(node.op_type)
+    if fn is None:
+        raise unsupported(node)
+    try:
+        out = fn(node, ins, attributes(node))
+    except ValueError as e:
+        if "unsupported ONNX" in str(e):
+            raise
+        raise unsupported(node, f"cannot evaluate it on inputs of shapes "
+                                f"{[None if v is None else np.shape(v) for v in ins]} ({e})") from e
+    return [as_constant(out)]
+
+
+def conv_pads(node, attrs, spatial, kernel, strides, dilations) -> tuple:
+    """Symmetric (pad_h, pad_w) of a Conv/AveragePool from ``pads`` or ``auto_pad``; asymmetric padding and
+    a ``ceil_mode`` that changes the output size are errors."""
+    auto = attrs.get("auto_pad", "NOTSET")
+    n = len(spatial)
+    if auto in ("NOTSET", "VALID"):
+        pads = _ints(attrs.get("pads", [0] * 2 * n)) if auto == "NOTSET" else [0] * 2 * n
+        begin, end = pads[:n], pads[n:]
+    elif auto in ("SAME_UPPER", "SAME_LOWER"):
+        total = [max((math.ceil(x / s) - 1) * s + (k - 1) * d + 1 - x, 0)
+                 for x, k, s, d in zip(spatial, kernel, strides, dilations)]
+        begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+        end = [t - b for t, b in zip(total, begin)]
+    else:
+        raise unsupported(node, f"auto_pad={auto!r}")
+    if begin != end:
+        raise unsupported(node, f"asymmetric padding (begin {begin}, end {end})")
+    if "kernel_shape" in attrs and tuple(_ints(attrs["kernel_shape"])) != tuple(kernel):
+        raise unsupported(node, f"kernel_shape {attrs['kernel_shape']} differs from the weight's {tuple(kernel)}")
+    if attrs.get("ceil_mode", 0):
+        for x, k, s, d, p in zip(spatial, kernel, strides, dilations, begin):
+            span = x + 2 * p - d * (k - 1) - 1
+            if span % s:
+                raise unsupported(node, "ceil_mode=1 where it changes the output size")
+    return tuple(begin)
+
+
+__all__ = ["SUPPORTED_OPS", "REARRANGE_OPS", "CONSTANT_OPS", "describe", "unsupported", "as_constant",
+           "attributes", "evaluate_constant", "conv_pads"]
