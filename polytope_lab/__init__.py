@@ -9,6 +9,7 @@ from .bounds import Bounder, Bounds, Certification, EstimatedBounds, margin_matr
 from .checks import cross_check
 from .convert import from_torch, register_layer
 from .network import Network
+from .onnx import load_onnx
 from .regions import L2Ball, LinfBall, Region
 from .training import robust_loss, train
 from .verify import certified_radius, minimum_adversarial_distance
@@ -19,5 +20,5 @@ __all__ = [
     "cross_check", "certified_radius", "minimum_adversarial_distance",
     "fgsm", "pgd", "pgd_minimize",
     "robust_loss", "train",
-    "Network", "from_torch", "register_layer",
+    "Network", "from_torch", "register_layer", "load_onnx",
 ]

@@ -82,11 +82,11 @@ class _Interpreter:
         self.input_shape = _input_shape(inputs[0])
         self.builder = Builder(self.input_shape, self.ref)
         self.values = {t.name: as_constant(numpy_helper.to_array(t)) for t in graph.initializer}
-        self.values[inputs[0].name] = self.builder.input
+        self.values[inputs[0].name] = self.builder.reshape(self.builder.input, (1,) + self.input_shape)
         self.graph = graph
 
     def tensor(self, array) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(array, dtype=np.float64), dtype=self.dtype)
+        return torch.as_tensor(np.array(array, dtype=np.float64), dtype=self.dtype)  # a writable copy
 
     def run(self) -> Network:
         out_name = self.graph.output[0].name
@@ -96,7 +96,7 @@ class _Interpreter:
             if symbolic and node.op_type in _SYMBOLIC:
                 outs = [_SYMBOLIC[node.op_type](self, node, ins, attributes(node))]
             elif node.op_type == "Shape" or (not symbolic and node.op_type in CONSTANT_OPS):
-                ins = [np.zeros((1,) + v.shape) if isinstance(v, Expression) else v for v in ins]
+                ins = [np.zeros(v.shape) if isinstance(v, Expression) else v for v in ins]
                 outs = evaluate_constant(node, ins)
             else:
                 raise unsupported(node)
@@ -108,21 +108,20 @@ class _Interpreter:
         skips = {i: [(j, simplify(S)) for j, S in terms] for i, terms in net.skips.items()}
         return Network([simplify(a) for a in net.affines], self.input_shape, skips)
 
-    # helpers for the symbolic ops
-    def full(self, expr: Expression) -> tuple:
-        return (1,) + tuple(expr.shape)
-
-    def batched(self, node, shape) -> tuple:
-        """The per-example part of the full shape of an input-dependent result (its batch axis must stay)."""
-        shape = tuple(int(d) for d in shape)
-        if not shape or shape[0] != 1:
-            raise unsupported(node, f"its result {shape} would not keep the batch axis (size 1) in front")
-        return shape[1:]
+    def affine(self, expr: Expression, op: Affine, out_shape) -> Expression:
+        """``op`` (built on per-example shapes) applied to ``expr``; the result has the ONNX ``out_shape``."""
+        return self.builder.affine(expr, op, tuple(int(d) for d in out_shape))
 
     def elementwise(self, expr, scale, shift) -> Expression:
-        s = self.tensor(np.broadcast_to(scale, self.full(expr))[0])
-        t = self.tensor(np.broadcast_to(shift, self.full(expr))[0])
-        return self.builder.affine(expr, ElementwiseOp(s, t, expr.shape))
+        s = self.tensor(np.broadcast_to(scale, expr.shape))
+        t = self.tensor(np.broadcast_to(shift, expr.shape))
+        return self.affine(expr, ElementwiseOp(s, t, example(expr.shape)), expr.shape)
+
+
+def example(shape) -> tuple:
+    """The per-example shape of an ONNX value: without its leading batch axis of size 1 (if it has one)."""
+    shape = tuple(int(d) for d in shape)
+    return shape[1:] if len(shape) > 1 and shape[0] == 1 else shape
 
 
 def _rearrange(it, node, ins, attrs):
@@ -130,12 +129,11 @@ def _rearrange(it, node, ins, attrs):
     x = ins[0]
     if any(isinstance(v, Expression) for v in ins[1:]):
         raise unsupported(node, "only its first input may depend on the network input")
-    index = np.arange(numel(it.full(x))).reshape(it.full(x))
+    index = np.arange(numel(x.shape)).reshape(x.shape)
     out = evaluate_constant(node, [index] + list(ins[1:]))[0]
-    shape = it.batched(node, out.shape)
     if np.array_equal(out.reshape(-1), index.reshape(-1)):
-        return it.builder.reshape(x, shape)
-    return it.builder.affine(x, IndexOp(out, x.shape, shape, it.ref))
+        return it.builder.reshape(x, out.shape)
+    return it.affine(x, IndexOp(out, example(x.shape), example(out.shape), it.ref), out.shape)
 
 
 def _arithmetic(it, node, ins, attrs):
@@ -148,12 +146,12 @@ def _arithmetic(it, node, ins, attrs):
         if op not in ("Add", "Sub"):
             raise unsupported(node, "the product or quotient of two input-dependent values is not affine")
         if a.shape != b.shape:
-            raise unsupported(node, f"adding input-dependent values of shapes {it.full(a)} and {it.full(b)} "
+            raise unsupported(node, f"adding input-dependent values of shapes {a.shape} and {b.shape} "
                                      "(no broadcasting between them)")
         return it.builder.add(a, b if op == "Add" else it.elementwise(b, -1.0, 0.0))
     x, c, first = (a, b, True) if isinstance(a, Expression) else (b, a, False)
-    if np.broadcast_shapes(it.full(x), c.shape) != it.full(x):
-        raise unsupported(node, f"the constant of shape {c.shape} would broadcast the value {it.full(x)}")
+    if np.broadcast_shapes(x.shape, c.shape) != x.shape:
+        raise unsupported(node, f"the constant of shape {c.shape} would broadcast the value {x.shape}")
     if op == "Add":
         return it.elementwise(x, 1.0, c)
     if op == "Sub":
@@ -180,14 +178,14 @@ def _gemm(it, node, ins, attrs):
     if attrs.get("transA", 0):
         a = _rearrange(it, _transpose_node(node), [a], {})
     w = b.T if attrs.get("transB", 0) else b
-    if len(it.full(a)) != 2 or w.ndim != 2 or w.shape[0] != a.shape[0]:
-        raise unsupported(node, f"operands of shapes {it.full(a)} and {b.shape}")
-    bias = np.zeros(w.shape[1])
+    if len(a.shape) != 2 or w.ndim != 2 or w.shape[0] != a.shape[1]:
+        raise unsupported(node, f"operands of shapes {a.shape} and {b.shape}")
+    out = (a.shape[0], w.shape[1])
+    bias = np.zeros(out)
     if len(ins) > 2 and ins[2] is not None:
-        c = _constant_operand(node, ins[2], "operand C")
-        bias = attrs.get("beta", 1.0) * np.broadcast_to(c, (1, w.shape[1]))[0]
-    weight = attrs.get("alpha", 1.0) * w.T
-    return it.builder.affine(a, LinearOp(it.tensor(weight), it.tensor(bias), a.shape))
+        bias = attrs.get("beta", 1.0) * np.broadcast_to(_constant_operand(node, ins[2], "operand C"), out)
+    weight = np.kron(np.eye(out[0]), attrs.get("alpha", 1.0) * w.T)  # one row of A at a time
+    return it.affine(a, LinearOp(it.tensor(weight), it.tensor(bias.reshape(-1)), example(a.shape)), out)
 
 
 def _transpose_node(node):
@@ -195,24 +193,27 @@ def _transpose_node(node):
 
 
 def _matmul(it, node, ins, attrs):
-    x, w = ins
-    if not isinstance(x, Expression) or isinstance(w, Expression):
-        raise unsupported(node, "only x @ W with the constant W on the right is supported")
-    full = it.full(x)
-    if w.ndim != 2 or len(full) < 2 or full[-1] != w.shape[0]:
-        raise unsupported(node, f"operands of shapes {full} and {w.shape}")
-    rows = numel(full[1:-1])  # x @ W on each row of the per-example part
-    weight = np.kron(np.eye(rows), w.T) if rows > 1 else w.T
-    out = full[1:-1] + (w.shape[1],)
-    op = LinearOp(it.tensor(weight), None, x.shape)
-    return it.builder.reshape(it.builder.affine(x, op), out)
+    """``x @ W`` or ``W @ x`` with a constant 2-d ``W``, on every leading index of ``x``."""
+    x, w = ins if isinstance(ins[0], Expression) else ins[::-1]
+    if isinstance(w, Expression) or w.ndim != 2 or len(x.shape) < 2:
+        raise unsupported(node, "only products of an input-dependent value with a constant matrix are supported"
+                                f" (shapes {[np.shape(v) if not isinstance(v, Expression) else v.shape for v in ins]})")
+    lead = numel(x.shape[:-2])
+    if x is ins[0]:  # (..., m, k) @ (k, n)
+        if x.shape[-1] != w.shape[0]:
+            raise unsupported(node, f"operands of shapes {x.shape} and {w.shape}")
+        weight, out = np.kron(np.eye(lead * x.shape[-2]), w.T), x.shape[:-1] + (w.shape[1],)
+    else:  # (m, k) @ (..., k, n)
+        if x.shape[-2] != w.shape[1]:
+            raise unsupported(node, f"operands of shapes {w.shape} and {x.shape}")
+        weight, out = np.kron(np.eye(lead), np.kron(w, np.eye(x.shape[-1]))), x.shape[:-2] + (w.shape[0], x.shape[-1])
+    return it.affine(x, LinearOp(it.tensor(weight), None, example(x.shape)), out)
 
 
 def _image(it, node, x) -> tuple:
-    full = it.full(x)
-    if len(full) != 4:
-        raise unsupported(node, f"only 2-d images (N, C, H, W) are supported, got shape {full}")
-    return full[1:]
+    if len(x.shape) != 4 or x.shape[0] != 1:
+        raise unsupported(node, f"only 2-d images (1, C, H, W) are supported, got shape {x.shape}")
+    return tuple(x.shape[1:])
 
 
 def _conv(it, node, ins, attrs):
@@ -223,11 +224,12 @@ def _conv(it, node, ins, attrs):
         raise unsupported(node, f"group={attrs['group']} (only group=1)")
     shape = _image(it, node, x)
     if w.ndim != 4 or w.shape[1] != shape[0]:
-        raise unsupported(node, f"weight of shape {w.shape} on input {it.full(x)}")
+        raise unsupported(node, f"weight of shape {w.shape} on input {x.shape}")
     strides, dilations = tuple(attrs.get("strides", (1, 1))), tuple(attrs.get("dilations", (1, 1)))
     pads = conv_pads(node, attrs, shape[1:], w.shape[2:], strides, dilations)
     bias = None if len(ins) < 3 or ins[2] is None else it.tensor(_constant_operand(node, ins[2], "the bias"))
-    return it.builder.affine(x, Conv2dOp(it.tensor(w), bias, shape, strides, pads, dilations))
+    op = Conv2dOp(it.tensor(w), bias, shape, strides, pads, dilations)
+    return it.affine(x, op, (1,) + op.out_shape)
 
 
 def _average_pool(it, node, ins, attrs):
@@ -246,8 +248,8 @@ def _average_pool(it, node, ins, attrs):
         divisor = counts.expand(conv.out_shape)
     else:
         divisor = torch.full(conv.out_shape, float(numel(kernel)), dtype=it.dtype)
-    y = it.builder.affine(x, conv)
-    return it.builder.affine(y, ElementwiseOp(1.0 / divisor, torch.zeros_like(divisor), conv.out_shape))
+    y = it.affine(x, conv, (1,) + conv.out_shape)
+    return it.elementwise(y, (1.0 / divisor).numpy()[None], 0.0)
 
 
 def _batch_norm(it, node, ins, attrs):
@@ -255,9 +257,9 @@ def _batch_norm(it, node, ins, attrs):
     if attrs.get("training_mode", 0) or len([o for o in node.output if o]) > 1:
         raise unsupported(node, "only inference mode (training_mode=0, one output)")
     scale, bias, mean, var = (_constant_operand(node, v, "its parameters") for v in ins[1:5])
-    full = it.full(x)
+    full = x.shape
     if len(full) < 2 or scale.shape != (full[1],):
-        raise unsupported(node, f"{scale.shape[0]} channels on a value of shape {full}")
+        raise unsupported(node, f"{scale.shape} channels on a value of shape {full}")
     s = scale / np.sqrt(var + attrs.get("epsilon", 1e-5))
     view = (1, -1) + (1,) * (len(full) - 2)
     return it.elementwise(x, s.reshape(view), (bias - mean * s).reshape(view))

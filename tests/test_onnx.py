@@ -1,0 +1,405 @@
+"""onnx.py: ONNX networks to the normal form, each supported op checked against onnxruntime (the oracle) on
+random inputs; the shared VNN-COMP mnistfc network on its 15 property centres; unsupported graphs rejected
+with the documented errors; to_sequential; bounds of the converted network contain onnxruntime's outputs."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+import polytope_lab as pl
+from polytope_lab.network import Conv2dOp, IdentityOp, LinearOp
+from polytope_lab.onnx import load_onnx, to_sequential
+
+from conftest import assert_within, real_path, sample_region
+
+RTOL = 1e-5  # relative to the largest output: onnxruntime computes in float32
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _w(rng, *shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _model(nodes, input_shape, inits=None, opset=13, output="y", inputs=None, outputs=None):
+    """An ONNX model of ``nodes`` with one float input "x" of ``input_shape`` and output ``output``."""
+    inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))]
+    outputs = outputs or [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)]
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in (inits or {}).items()]
+    graph = helper.make_graph(nodes, "test", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _ort_outputs(path, x: np.ndarray) -> np.ndarray:
+    """onnxruntime's outputs on ``x`` (N, *input_shape), one example at a time (the ONNX input's batch
+    dimension may be fixed at 1), flattened to (N, n_out)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.stack([session.run(None, {name: x[i:i + 1]})[0].reshape(-1) for i in range(x.shape[0])])
+
+
+def _relative_error(ours, reference) -> float:
+    return float(np.abs(ours - reference).max() / max(np.abs(reference).max(), 1e-12))
+
+
+def _check(model, tmp_path, n=5, seed=1):
+    """Save ``model``, convert it, compare with onnxruntime on ``n`` random inputs (and the Sequential when
+    the network is a chain); returns the converted network."""
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    net = load_onnx(path)
+    x = _rng(seed).uniform(-1, 1, (n,) + net.input_shape).astype(np.float32)
+    reference = _ort_outputs(path, x)
+    with torch.no_grad():
+        ours = net(torch.from_numpy(x).double()).numpy()
+    assert ours.shape == reference.shape
+    assert _relative_error(ours, reference) <= RTOL
+    if not net.has_skips:
+        with torch.no_grad():
+            seq = to_sequential(net)(torch.from_numpy(x).double()).reshape(n, -1).numpy()
+        assert _relative_error(seq, reference) <= RTOL
+    return net
+
+
+# --------------------------------------------------------------------------------------------------
+# one small network per supported op
+# --------------------------------------------------------------------------------------------------
+
+
+def test_gemm_attributes_and_trailing_relu(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], alpha=0.7, beta=1.3, transB=1),
+             helper.make_node("Relu", ["h"], ["z"]),
+             helper.make_node("Gemm", ["z", "W2", "b2"], ["o"]),
+             helper.make_node("Relu", ["o"], ["y"])]
+    inits = {"W1": _w(r, 8, 6), "b1": _w(r, 1, 8), "W2": _w(r, 8, 3), "b2": _w(r, 3)}
+    net = _check(_model(nodes, [1, 6], inits), tmp_path)
+    assert len(net.affines) == 3 and isinstance(net.affines[-1], IdentityOp)  # ReLU(f): the ReLU is kept
+
+
+def test_gemm_trans_a_after_transpose(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0]),
+             helper.make_node("Gemm", ["t", "W"], ["y"], transA=1)]
+    _check(_model(nodes, [1, 4], {"W": _w(r, 4, 3)}), tmp_path)
+
+
+def test_flatten_gemm_on_a_3d_input(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "W", "b"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["z"]),
+             helper.make_node("Gemm", ["z", "W2", "b2"], ["y"], transB=1)]
+    inits = {"W": _w(r, 7, 5), "b": _w(r, 7), "W2": _w(r, 2, 7), "b2": _w(r, 2)}
+    net = _check(_model(nodes, [1, 5, 1], inits), tmp_path)
+    assert net.input_shape == (5, 1)  # the leading 1 is the batch
+
+
+def test_matmul_add_folds_into_one_dense_layer(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m"]), helper.make_node("Add", ["m", "b1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["z"]),
+             helper.make_node("MatMul", ["z", "W2"], ["m2"]), helper.make_node("Add", ["b2", "m2"], ["y"])]
+    inits = {"W1": _w(r, 5, 4), "b1": _w(r, 4), "W2": _w(r, 4, 3), "b2": _w(r, 3)}
+    net = _check(_model(nodes, [1, 5], inits), tmp_path)
+    assert all(isinstance(a, LinearOp) for a in net.affines)
+
+
+def test_matmul_with_the_constant_on_the_left(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("MatMul", ["W", "x"], ["m"]), helper.make_node("Relu", ["m"], ["z"]),
+             helper.make_node("Flatten", ["z"], ["f"]), helper.make_node("MatMul", ["f", "W2"], ["y"])]
+    _check(_model(nodes, [1, 5, 2], {"W": _w(r, 4, 5), "W2": _w(r, 8, 3)}), tmp_path)
+
+
+def test_normalisation_folds_into_the_next_dense_layer(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Sub", ["x", "mean"], ["s"]), helper.make_node("Div", ["s", "std"], ["d"]),
+             helper.make_node("Mul", ["d", "k"], ["m"]), helper.make_node("Sub", ["c", "m"], ["n"]),
+             helper.make_node("Neg", ["n"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "W", "b"], ["y"], transB=1)]
+    inits = {"mean": np.array([[[[0.13]], [[0.2]]]], np.float32), "std": np.array([0.3], np.float32),
+             "k": _w(r, 1, 2, 3, 3), "c": _w(r, 3), "W": _w(r, 4, 18), "b": _w(r, 4)}
+    net = _check(_model(nodes, [1, 2, 3, 3], inits), tmp_path)
+    assert len(net.affines) == 1 and isinstance(net.affines[0], LinearOp)
+
+
+@pytest.mark.parametrize("auto_pad,strides", [(None, 2), ("SAME_UPPER", 1), ("SAME_LOWER", 1), ("VALID", 2)])
+def test_conv_strides_pads_dilations(tmp_path, auto_pad, strides):
+    r = _rng()
+    pad = {"auto_pad": auto_pad} if auto_pad else {"pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node("Conv", ["x", "K1", "c1"], ["a"], strides=[strides] * 2, kernel_shape=[3, 3], **pad),
+             helper.make_node("Relu", ["a"], ["z"]),
+             helper.make_node("Conv", ["z", "K2"], ["b"], dilations=[2, 2]),
+             helper.make_node("Relu", ["b"], ["z2"]),
+             helper.make_node("Flatten", ["z2"], ["y"])]
+    inits = {"K1": _w(r, 3, 2, 3, 3), "c1": _w(r, 3), "K2": _w(r, 4, 3, 3, 3)}
+    net = _check(_model(nodes, [1, 2, 11, 11], inits), tmp_path)
+    assert isinstance(net.affines[0], Conv2dOp)
+
+
+def test_normalisation_before_a_padded_conv_stays_exact(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Sub", ["x", "mean"], ["s"]), helper.make_node("Div", ["s", "std"], ["d"]),
+             helper.make_node("Conv", ["d", "K"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["z"]),
+             helper.make_node("Flatten", ["z"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    inits = {"mean": np.array([0.5, -0.2], np.float32).reshape(1, 2, 1, 1),
+             "std": np.array([0.25, 0.5], np.float32).reshape(1, 2, 1, 1), "K": _w(r, 3, 2, 3, 3),
+             "W": _w(r, 2, 3 * 4 * 4)}
+    _check(_model(nodes, [1, 2, 4, 4], inits), tmp_path)
+
+
+def _bn_inits(r, c, prefix):
+    return {f"{prefix}s": _w(r, c), f"{prefix}b": _w(r, c), f"{prefix}m": _w(r, c),
+            f"{prefix}v": r.uniform(0.5, 2.0, c).astype(np.float32)}
+
+
+def test_batch_normalization_after_conv_and_dense_layers(tmp_path):
+    r = _rng()
+    bn = [f"bn{k}" for k in "sbmv"]
+    bn1 = [f"bm{k}" for k in "sbmv"]
+    nodes = [helper.make_node("Conv", ["x", "K"], ["a"]),
+             helper.make_node("BatchNormalization", ["a"] + bn, ["n"], epsilon=1e-3),
+             helper.make_node("Relu", ["n"], ["z"]), helper.make_node("Flatten", ["z"], ["f"]),
+             helper.make_node("Gemm", ["f", "W"], ["g"], transB=1),
+             helper.make_node("BatchNormalization", ["g"] + bn1, ["h"]),
+             helper.make_node("Relu", ["h"], ["z2"]), helper.make_node("Gemm", ["z2", "W2"], ["y"], transB=1)]
+    inits = {"K": _w(r, 3, 1, 3, 3), "W": _w(r, 5, 12), "W2": _w(r, 2, 5), **_bn_inits(r, 3, "bn"),
+             **_bn_inits(r, 5, "bm")}
+    net = _check(_model(nodes, [1, 1, 4, 4], inits), tmp_path)
+    assert isinstance(net.affines[0], Conv2dOp) and isinstance(net.affines[1], LinearOp)  # folded
+
+
+@pytest.mark.parametrize("pool", ["plain", "padded", "padded-include", "global"])
+def test_average_pool(tmp_path, pool):
+    r = _rng()
+    attrs = {"plain": dict(kernel_shape=[2, 2], strides=[2, 2]),
+             "padded": dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             "padded-include": dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2], count_include_pad=1),
+             "global": {}}[pool]
+    op = "GlobalAveragePool" if pool == "global" else "AveragePool"
+    out = {"plain": 2 * 2, "padded": 4 * 4, "padded-include": 2 * 2, "global": 1}[pool]
+    nodes = [helper.make_node("Conv", ["x", "K"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["z"]),
+             helper.make_node(op, ["z"], ["p"], **attrs), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    _check(_model(nodes, [1, 2, 4, 4], {"K": _w(r, 3, 2, 3, 3), "W": _w(r, 2, 3 * out)}), tmp_path)
+
+
+def test_nhwc_input_through_transpose_and_reshape(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "K", "c"], ["a"]), helper.make_node("Relu", ["a"], ["z"]),
+             helper.make_node("Transpose", ["z"], ["u"], perm=[0, 2, 3, 1]),
+             helper.make_node("Reshape", ["u", "shape"], ["f"]),
+             helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    inits = {"K": _w(r, 3, 2, 3, 3), "c": _w(r, 3), "shape": np.array([1, -1], np.int64), "W": _w(r, 2, 12)}
+    net = _check(_model(nodes, [1, 4, 4, 2], inits), tmp_path)
+    assert net.input_shape == (4, 4, 2)
+
+
+def _unsqueeze(opset, name, data, axis, out):
+    """Unsqueeze/Squeeze with ``axes`` as an attribute (opset 11) or as a constant input (opset 13)."""
+    if opset < 13:
+        return helper.make_node(name, [data], [out], axes=[axis])
+    return helper.make_node(name, [data, f"axis{axis}"], [out])
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_constant_shape_subgraph_feeding_reshape_folds_away(tmp_path, opset):
+    r = _rng()
+    const = lambda out, v: helper.make_node("Constant", [], [out], value=numpy_helper.from_array(v))  # noqa: E731
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), const("zero", np.array(0, np.int64)),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0), _unsqueeze(opset, "Unsqueeze", "n", 0, "n1"),
+             const("minus1", np.array([-1], np.int64)), helper.make_node("Concat", ["n1", "minus1"], ["shape"], axis=0),
+             helper.make_node("Identity", ["x"], ["xi"]), helper.make_node("Reshape", ["xi", "shape"], ["f"]),
+             helper.make_node("Gemm", ["f", "W"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["z"]),
+             _unsqueeze(opset, "Unsqueeze", "z", 2, "z3"), _unsqueeze(opset, "Squeeze", "z3", 2, "z2"),
+             helper.make_node("Gemm", ["z2", "W2"], ["y"], transB=1)]
+    inits = {"W": _w(r, 4, 6), "W2": _w(r, 2, 4)}
+    if opset >= 13:
+        inits.update(axis0=np.array([0], np.int64), axis2=np.array([2], np.int64))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3])]
+    _check(_model(nodes, None, inits, opset=opset, inputs=inputs), tmp_path)
+
+
+def test_slice_and_gather_of_input_dependent_values(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["s"]),
+             helper.make_node("Gather", ["s", "idx"], ["g"], axis=1),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    inits = {"starts": np.array([1], np.int64), "ends": np.array([4], np.int64), "axes": np.array([2], np.int64),
+             "idx": np.array([2, 0, 0], np.int64), "W": _w(r, 2, 9)}
+    _check(_model(nodes, [1, 3, 5], inits), tmp_path)
+
+
+def test_residual_adds_become_skip_connections(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["a"], transB=1), helper.make_node("Relu", ["a"], ["h"]),
+             helper.make_node("Add", ["h", "x"], ["r"]),  # the block's input added to its output
+             helper.make_node("Gemm", ["r", "W2", "b2"], ["c"], transB=1), helper.make_node("Relu", ["c"], ["h2"]),
+             helper.make_node("Sub", ["h2", "h"], ["r2"]),
+             helper.make_node("Gemm", ["r2", "W3"], ["y"], transB=1)]
+    inits = {"W1": _w(r, 4, 4), "b1": _w(r, 4), "W2": _w(r, 4, 4), "b2": _w(r, 4), "W3": _w(r, 3, 4)}
+    net = _check(_model(nodes, [1, 4], inits), tmp_path)
+    assert net.has_skips
+
+
+class _ResidualConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 1, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c1((x - 0.1) / 0.3)))
+        h = torch.relu(self.c2(h) + x)
+        return self.fc(h.reshape(h.shape[0], -1))
+
+
+def test_torch_exported_residual_convnet_with_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    model = _ResidualConv().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    path = tmp_path / "res.onnx"
+    torch.onnx.export(model, torch.zeros(1, 1, 4, 4), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}})
+    _check(onnx.load(str(path)), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the real benchmark network
+# --------------------------------------------------------------------------------------------------
+
+
+def _property_centre(path) -> np.ndarray:
+    """The midpoint of the X_i bounds of a VNN-LIB file (asserts of the form (<= X_i c) / (>= X_i c))."""
+    bounds = {}
+    for op, i, value in re.findall(r"\(\s*(<=|>=)\s+X_(\d+)\s+([-+0-9.eE]+)\s*\)", path.read_text()):
+        bounds.setdefault(int(i), {})[op] = float(value)
+    return np.array([(bounds[i]["<="] + bounds[i][">="]) / 2 for i in range(len(bounds))])
+
+
+def test_mnistfc_matches_onnxruntime_on_the_property_centres():
+    folder = real_path("POLYTOPE_LAB_BENCHMARKS", "vnncomp2021", "mnistfc", what="vnncomp2021/mnistfc/")
+    path = folder / "mnist-net_256x2.onnx"
+    net = load_onnx(path)
+    assert net.input_shape == (784, 1) and net.output_size == 10 and len(net.affines) == 3
+    x = np.stack([_property_centre(folder / f"prop_{i}_0.03.vnnlib") for i in range(15)]).astype(np.float32)
+    assert x.shape == (15, 784) and x.min() >= 0 and x.max() <= 1
+    reference = _ort_outputs(path, x.reshape(15, 784, 1))
+    with torch.no_grad():
+        ours = net(torch.from_numpy(x).double().reshape(15, 784, 1)).numpy()
+    assert _relative_error(ours, reference) <= RTOL
+    assert (ours.argmax(1) == reference.argmax(1)).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op,attrs", [("MaxPool", {"kernel_shape": [2, 2]}), ("Sigmoid", {})])
+def test_unsupported_op_names_the_node_its_type_and_the_supported_set(tmp_path, op, attrs):
+    nodes = [helper.make_node(op, ["x"], ["p"], name="the_culprit", **attrs), helper.make_node("Relu", ["p"], ["y"])]
+    with pytest.raises(ValueError, match=rf"'the_culprit' \(op type {op}\).*Supported ops: Add, AveragePool"):
+        load_onnx(_model(nodes, [1, 1, 4, 4]))
+
+
+def test_unsupported_uses_of_supported_ops(tmp_path):
+    r = _rng()
+    mul = [helper.make_node("Mul", ["x", "x"], ["y"])]
+    with pytest.raises(ValueError, match="Mul.*not affine"):
+        load_onnx(_model(mul, [1, 3]))
+    grouped = [helper.make_node("Conv", ["x", "K"], ["y"], group=2)]
+    with pytest.raises(ValueError, match="group=2"):
+        load_onnx(_model(grouped, [1, 2, 4, 4], {"K": _w(r, 2, 1, 3, 3)}))
+    asym = [helper.make_node("Conv", ["x", "K"], ["y"], pads=[0, 0, 1, 1])]
+    with pytest.raises(ValueError, match="asymmetric padding"):
+        load_onnx(_model(asym, [1, 1, 4, 4], {"K": _w(r, 1, 1, 3, 3)}))
+    dead = [helper.make_node("Sigmoid", ["x"], ["unused"]), helper.make_node("Relu", ["x"], ["y"])]
+    assert load_onnx(_model(dead, [1, 3])).output_size == 3  # a dead branch is never interpreted
+
+
+def test_graph_shape_errors(tmp_path):
+    two_in = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3]) for n in ("x", "x2")]
+    with pytest.raises(ValueError, match="one input and one output"):
+        load_onnx(_model([helper.make_node("Add", ["x", "x2"], ["y"])], None, inputs=two_in))
+    two_out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "y2")]
+    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["y2"])]
+    with pytest.raises(ValueError, match="one input and one output"):
+        load_onnx(_model(nodes, [1, 3], outputs=two_out))
+    dynamic = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "M"])]
+    with pytest.raises(ValueError, match="dynamic dimensions"):
+        load_onnx(_model([helper.make_node("Relu", ["x"], ["y"])], None, inputs=dynamic))
+    with pytest.raises(ValueError, match="leading dimension must be the batch"):
+        load_onnx(_model([helper.make_node("Relu", ["x"], ["y"])], [3, 2]))
+    const = [helper.make_node("Constant", [], ["y"], value=numpy_helper.from_array(np.ones(2, np.float32)))]
+    with pytest.raises(ValueError, match="does not depend on the input"):
+        load_onnx(_model(const, [1, 3]))
+
+
+# --------------------------------------------------------------------------------------------------
+# to_sequential and soundness end to end
+# --------------------------------------------------------------------------------------------------
+
+
+def test_to_sequential_round_trip_and_skip_error(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "K"], ["a"]), helper.make_node("Relu", ["a"], ["z"]),
+             helper.make_node("Flatten", ["z"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    model = _model(nodes, [1, 4, 4, 1], {"K": _w(r, 2, 1, 3, 3), "W": _w(r, 3, 8)})
+    net = load_onnx(model)
+    seq = load_onnx(model, as_torch=True)
+    assert isinstance(seq, nn.Sequential) and any(isinstance(m, nn.Linear) for m in seq)
+    back = pl.from_torch(seq, net.input_shape)
+    x = torch.rand(3, *net.input_shape, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), net(x))
+        torch.testing.assert_close(seq(x).reshape(3, -1), net(x))
+    res = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Add", ["h", "x"], ["y"])]
+    with pytest.raises(ValueError, match="skip connections"):
+        to_sequential(load_onnx(_model(res, [1, 3])))
+
+
+def _small_net_for_bounds():
+    r = _rng(3)
+    nodes = [helper.make_node("Sub", ["x", "mean"], ["s"]), helper.make_node("Div", ["s", "std"], ["d"]),
+             helper.make_node("Conv", ["d", "K", "c"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["a"], ["z"]), helper.make_node("Flatten", ["z"], ["f"]),
+             helper.make_node("MatMul", ["f", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["h"]),
+             helper.make_node("Relu", ["h"], ["z2"]), helper.make_node("Add", ["z2", "h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W2", "b2"], ["y"], transB=1)]
+    inits = {"mean": np.array(0.4, np.float32), "std": np.array(0.2, np.float32), "K": _w(r, 2, 1, 3, 3),
+             "c": _w(r, 2), "W": _w(r, 8, 5), "b": _w(r, 5), "W2": _w(r, 3, 5), "b2": _w(r, 3)}
+    return _model(nodes, [1, 1, 4, 4], inits)
+
+
+@pytest.mark.parametrize("backend", ["dual", "interval"])
+def test_bounds_of_the_converted_network_contain_onnxruntime_outputs(tmp_path, backend):
+    path = tmp_path / "small.onnx"
+    onnx.save(_small_net_for_bounds(), str(path))
+    net = load_onnx(path)
+    x = torch.from_numpy(_rng(5).uniform(0, 1, (2,) + net.input_shape))
+    region = pl.LinfBall(x, 0.1, clip=(0.0, 1.0))
+    b = pl.Bounder.create(backend).bound(net, region)
+    points = sample_region(region, 100).float()  # (N, B, *input_shape)
+    N, B = points.shape[:2]
+    values = _ort_outputs(path, points.reshape(N * B, *net.input_shape).numpy()).reshape(N, B, -1)
+    scale = max(1.0, float(np.abs(values).max()))
+    assert_within(torch.from_numpy(values).double(), b.lower, b.upper, tol=RTOL * scale,
+                  what="onnxruntime's outputs")
