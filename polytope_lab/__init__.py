@@ -9,7 +9,6 @@ from .bounds import Bounder, Bounds, Certification, EstimatedBounds, margin_matr
 from .checks import cross_check
 from .convert import from_torch, register_layer
 from .network import Network
-from .onnx import load_onnx
 from .regions import L2Ball, LinfBall, Region
 from .training import robust_loss, train
 from .verify import certified_radius, minimum_adversarial_distance
@@ -22,3 +21,11 @@ __all__ = [
     "robust_loss", "train",
     "Network", "from_torch", "register_layer", "load_onnx",
 ]
+
+
+def __getattr__(name):
+    """``load_onnx`` on first use: importing the onnx package costs about half a second."""
+    if name == "load_onnx":
+        from .onnx import load_onnx
+        return load_onnx
+    raise AttributeError(f"module 'polytope_lab' has no attribute {name!r}")

@@ -266,7 +266,8 @@ def _batch_norm(it, node, ins, attrs):
 
 
 def _relu(it, node, ins, attrs):
-    return it.builder.relu(ins[0])
+    x = ins[0]  # the new layer's operators get per-example shapes, the value keeps its ONNX shape
+    return it.builder.reshape(it.builder.relu(it.builder.reshape(x, example(x.shape))), x.shape)
 
 
 _SYMBOLIC = {"Relu": _relu, "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm,
