@@ -55,6 +55,14 @@ def _input_shape(value_info) -> tuple:
     return tuple(dims[1:])
 
 
+def _check_output(value_info, out: Expression):
+    """The declared output shape (where it is static; the batch axis counted as 1) matches the computed one."""
+    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in value_info.type.tensor_type.shape.dim]
+    if dims and numel(dims) != numel(out.shape):
+        raise ValueError(f"the output {value_info.name!r} is declared with shape {dims} but the converted "
+                         f"graph computes shape {out.shape}")
+
+
 def _needed(graph, output: str) -> list:
     """The nodes the output depends on, in graph order (dead branches are never interpreted)."""
     producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
@@ -88,10 +96,18 @@ class _Interpreter:
     def tensor(self, array) -> torch.Tensor:
         return torch.as_tensor(np.array(array, dtype=np.float64), dtype=self.dtype)  # a writable copy
 
+    def inputs_of(self, node) -> list:
+        if node.domain not in ("", "ai.onnx"):
+            raise unsupported(node, f"operator domain {node.domain!r} (only the default ONNX domain)")
+        missing = [n for n in node.input if n and n not in self.values]
+        if missing:
+            raise unsupported(node, f"it reads {missing}, which no supported node produces")
+        return [self.values[n] if n else None for n in node.input]
+
     def run(self) -> Network:
         out_name = self.graph.output[0].name
         for node in _needed(self.graph, out_name):
-            ins = [self.values[n] if n else None for n in node.input]
+            ins = self.inputs_of(node)
             symbolic = any(isinstance(v, Expression) for v in ins)
             if symbolic and node.op_type in _SYMBOLIC:
                 outs = [_SYMBOLIC[node.op_type](self, node, ins, attributes(node))]
@@ -101,9 +117,10 @@ class _Interpreter:
             else:
                 raise unsupported(node)
             self.values.update(zip(node.output, outs))
-        out = self.values[out_name]
+        out = self.values.get(out_name)
         if not isinstance(out, Expression):
             raise ValueError(f"the output {out_name!r} does not depend on the input")
+        _check_output(self.graph.output[0], out)
         net = self.builder.finish(out)
         skips = {i: [(j, simplify(S)) for j, S in terms] for i, terms in net.skips.items()}
         return Network([simplify(a) for a in net.affines], self.input_shape, skips)
@@ -150,8 +167,10 @@ def _arithmetic(it, node, ins, attrs):
                                      "(no broadcasting between them)")
         return it.builder.add(a, b if op == "Add" else it.elementwise(b, -1.0, 0.0))
     x, c, first = (a, b, True) if isinstance(a, Expression) else (b, a, False)
-    if np.broadcast_shapes(x.shape, c.shape) != x.shape:
+    out = np.broadcast_shapes(x.shape, c.shape)
+    if numel(out) != numel(x.shape):
         raise unsupported(node, f"the constant of shape {c.shape} would broadcast the value {x.shape}")
+    x = it.builder.reshape(x, out)  # only leading axes of size 1 were added
     if op == "Add":
         return it.elementwise(x, 1.0, c)
     if op == "Sub":
@@ -194,12 +213,17 @@ def _transpose_node(node):
 
 def _matmul(it, node, ins, attrs):
     """``x @ W`` or ``W @ x`` with a constant 2-d ``W``, on every leading index of ``x``."""
-    x, w = ins if isinstance(ins[0], Expression) else ins[::-1]
-    if isinstance(w, Expression) or w.ndim != 2 or len(x.shape) < 2:
+    left = isinstance(ins[0], Expression)  # x @ W, else W @ x
+    x, w = ins if left else ins[::-1]
+    if isinstance(w, Expression) or w.ndim != 2 or not x.shape:
         raise unsupported(node, "only products of an input-dependent value with a constant matrix are supported"
                                 f" (shapes {[np.shape(v) if not isinstance(v, Expression) else v.shape for v in ins]})")
+    if len(x.shape) == 1:  # numpy's rule for a vector: (k,) @ (k, n) -> (n,); (m, k) @ (k,) -> (m,)
+        x = it.builder.reshape(x, (1, x.shape[0]) if left else (x.shape[0], 1))
+        out = _matmul(it, node, [x, w] if left else [w, x], attrs)
+        return it.builder.reshape(out, (numel(out.shape),))
     lead = numel(x.shape[:-2])
-    if x is ins[0]:  # (..., m, k) @ (k, n)
+    if left:  # (..., m, k) @ (k, n)
         if x.shape[-1] != w.shape[0]:
             raise unsupported(node, f"operands of shapes {x.shape} and {w.shape}")
         weight, out = np.kron(np.eye(lead * x.shape[-2]), w.T), x.shape[:-1] + (w.shape[1],)

@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-SUPPORTED_OPS = ("Add", "AveragePool", "BatchNormalization", "Constant", "Conv (2-d, group=1)", "Div", "Flatten",
-                 "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul", "Mul", "Neg", "Relu", "Reshape",
-                 "Slice", "Squeeze", "Sub", "Transpose", "Unsqueeze",
-                 "on constants only: Cast, Concat, ConstantOfShape, Range, Shape")
-REARRANGE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Gather")
+SUPPORTED_OPS = ("Add", "AveragePool", "BatchNormalization", "Constant", "Conv (2-d, group=1)", "Div",
+                 "Dropout (inference)", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul",
+                 "Mul", "Neg", "Relu", "Reshape", "Shape", "Slice", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+                 "and on constants only: Cast, Concat, ConstantOfShape, Range")
+REARRANGE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Gather", "Dropout")
 
 
 def describe(node) -> str:
@@ -123,6 +123,12 @@ def _constant_of_shape(node, ins, attrs):
     return np.full(_ints(ins[0]), value[0], dtype=value.dtype)
 
 
+def _dropout(node, ins, attrs):
+    if len(ins) > 2 and ins[2] is not None and bool(np.asarray(ins[2]).reshape(-1)[0]):
+        raise unsupported(node, "training_mode=True (only inference, where Dropout is the identity)")
+    return ins[0]
+
+
 def _cast(node, ins, attrs):
     return ins[0].astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
 
@@ -130,6 +136,7 @@ def _cast(node, ins, attrs):
 CONSTANT_OPS = {
     "Constant": _constant_node,
     "Identity": lambda node, ins, attrs: ins[0],
+    "Dropout": _dropout,
     "Shape": _shape,
     "Gather": lambda node, ins, attrs: np.take(ins[0], ins[1], axis=attrs.get("axis", 0)),
     "Concat": lambda node, ins, attrs: np.concatenate(ins, axis=attrs["axis"]),

@@ -255,6 +255,27 @@ def test_residual_adds_become_skip_connections(tmp_path):
     assert net.has_skips
 
 
+def test_parallel_branches_meet_again(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Gemm", ["x", "W1"], ["a"], transB=1), helper.make_node("Relu", ["a"], ["h1"]),
+             helper.make_node("Gemm", ["x", "W2"], ["b"], transB=1), helper.make_node("Relu", ["b"], ["h2"]),
+             helper.make_node("Add", ["h1", "h2"], ["s"]), helper.make_node("Gemm", ["s", "W3"], ["y"], transB=1)]
+    net = _check(_model(nodes, [1, 4], {"W1": _w(r, 5, 4), "W2": _w(r, 5, 4), "W3": _w(r, 2, 5)}), tmp_path)
+    assert net.has_skips
+
+
+def test_vectors_dropout_and_broadcasting_constants(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["v"]),  # a vector without the batch axis
+             helper.make_node("MatMul", ["v", "W1"], ["m"]), helper.make_node("Add", ["m", "b1"], ["h"]),
+             helper.make_node("Dropout", ["h"], ["d"]), helper.make_node("Relu", ["d"], ["z"]),
+             helper.make_node("MatMul", ["z", "W2"], ["u"]),  # (1, 1, 4) @ (4, 3)
+             helper.make_node("Reshape", ["u", "flat"], ["w"]), helper.make_node("MatMul", ["W3", "w"], ["y"])]
+    inits = {"flat": np.array([-1], np.int64), "W1": _w(r, 6, 4), "b1": _w(r, 1, 1, 4), "W2": _w(r, 4, 3),
+             "W3": _w(r, 2, 3)}
+    _check(_model(nodes, [1, 2, 3], inits), tmp_path)
+
+
 class _ResidualConv(nn.Module):
     def __init__(self):
         super().__init__()
@@ -330,6 +351,9 @@ def test_unsupported_uses_of_supported_ops(tmp_path):
     asym = [helper.make_node("Conv", ["x", "K"], ["y"], pads=[0, 0, 1, 1])]
     with pytest.raises(ValueError, match="asymmetric padding"):
         load_onnx(_model(asym, [1, 1, 4, 4], {"K": _w(r, 1, 1, 3, 3)}))
+    custom = [helper.make_node("Relu", ["x"], ["y"], domain="com.example")]
+    with pytest.raises(ValueError, match="domain 'com.example'"):
+        load_onnx(_model(custom, [1, 3]))
     dead = [helper.make_node("Sigmoid", ["x"], ["unused"]), helper.make_node("Relu", ["x"], ["y"])]
     assert load_onnx(_model(dead, [1, 3])).output_size == 3  # a dead branch is never interpreted
 
@@ -347,6 +371,9 @@ def test_graph_shape_errors(tmp_path):
         load_onnx(_model([helper.make_node("Relu", ["x"], ["y"])], None, inputs=dynamic))
     with pytest.raises(ValueError, match="leading dimension must be the batch"):
         load_onnx(_model([helper.make_node("Relu", ["x"], ["y"])], [3, 2]))
+    declared = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])]
+    with pytest.raises(ValueError, match=r"declared with shape \[1, 5\]"):
+        load_onnx(_model([helper.make_node("Relu", ["x"], ["y"])], [1, 3], outputs=declared))
     const = [helper.make_node("Constant", [], ["y"], value=numpy_helper.from_array(np.ones(2, np.float32)))]
     with pytest.raises(ValueError, match="does not depend on the input"):
         load_onnx(_model(const, [1, 3]))
