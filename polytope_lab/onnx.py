@@ -25,7 +25,7 @@ from onnx import numpy_helper
 
 from .convert import Builder, Expression, register_layer
 from .network import Affine, ComposedOp, Conv2dOp, IdentityOp, LinearOp, Network, numel
-from .onnx_ops import ElementwiseOp, IndexOp, simplify
+from .onnx_ops import ElementwiseOp, IndexOp, ScatterOp, simplify
 from .onnx_constants import (CONSTANT_OPS, REARRANGE_OPS, SUPPORTED_OPS, as_constant, attributes, conv_pads,
                              evaluate_constant, unsupported)
 
@@ -184,6 +184,23 @@ def _arithmetic(it, node, ins, attrs):
     return it.elementwise(x, 1.0 / c, 0.0)
 
 
+def _concat(it, node, ins, attrs):
+    """Each input-dependent part scattered to its place in the result, summed; constant parts as a shift."""
+    offsets = np.cumsum([0] + [numel(np.shape(v) if not isinstance(v, Expression) else v.shape) for v in ins])
+    ids = [np.arange(lo, hi).reshape(v.shape) for lo, hi, v in zip(offsets, offsets[1:], ins)]
+    out = evaluate_constant(node, ids)[0]
+    where = np.argsort(out.reshape(-1))  # where[id]: the position of entry id in the result
+    terms, shift = [], np.zeros(out.size)
+    for lo, hi, v in zip(offsets, offsets[1:], ins):
+        if isinstance(v, Expression):
+            op = ScatterOp(where[lo:hi], example(v.shape), example(out.shape), it.ref)
+            terms.append(it.affine(v, op, out.shape))
+        else:
+            shift[where[lo:hi]] = np.asarray(v, dtype=np.float64).reshape(-1)
+    total = it.builder.add(*terms)
+    return it.elementwise(total, 1.0, shift.reshape(out.shape)) if shift.any() else total
+
+
 def _constant_operand(node, value, what):
     if value is None or isinstance(value, Expression):
         raise unsupported(node, f"{what} must be a constant (an initializer or a constant subgraph)")
@@ -294,7 +311,7 @@ def _relu(it, node, ins, attrs):
     return it.builder.reshape(it.builder.relu(it.builder.reshape(x, example(x.shape))), x.shape)
 
 
-_SYMBOLIC = {"Relu": _relu, "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm,
+_SYMBOLIC = {"Relu": _relu, "Concat": _concat, "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm,
              "AveragePool": _average_pool, "GlobalAveragePool": _average_pool,
              **{op: _arithmetic for op in ("Add", "Sub", "Mul", "Div", "Neg")},
              **{op: _rearrange for op in REARRANGE_OPS}}

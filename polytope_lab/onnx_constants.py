@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-SUPPORTED_OPS = ("Add", "AveragePool", "BatchNormalization", "Constant", "Conv (2-d, group=1)", "Div",
+SUPPORTED_OPS = ("Add", "AveragePool", "BatchNormalization", "Concat", "Constant", "Conv (2-d, group=1)", "Div",
                  "Dropout (inference)", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul",
                  "Mul", "Neg", "Relu", "Reshape", "Shape", "Slice", "Squeeze", "Sub", "Transpose", "Unsqueeze",
-                 "and on constants only: Cast, Concat, ConstantOfShape, Range")
+                 "and on constants only: Cast, ConstantOfShape, Range")
 REARRANGE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Gather", "Dropout")
 
 

@@ -4,6 +4,7 @@ consecutive operators into one (normalisation into the next layer, a permutation
 * :class:`ElementwiseOp`: ``x -> s ⊙ x + t`` with constant ``s``, ``t`` of the full shape (Add/Sub/Mul/Div
   by constants, BatchNormalization);
 * :class:`IndexOp`: ``out[k] = in[src[k]]`` (Transpose, Slice, Gather with constant indices);
+* :class:`ScatterOp`: ``out[dst[k]] = in[k]``, zero elsewhere (one input of a Concat);
 * :func:`simplify`: an operator with its parts merged where that is exact (e.g. ``Elementwise → Linear``
   becomes one ``LinearOp``), so the backends see as few operators as possible.
 """
@@ -85,6 +86,43 @@ class IndexOp(Affine):
         return self.out_features
 
 
+class ScatterOp(Affine):
+    """``out.flat[dst[k]] = in.flat[k]``, zero elsewhere: one input's place in a Concat (distinct ``dst``)."""
+
+    def __init__(self, dst, in_shape, out_shape, reference: torch.Tensor):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.dst = torch.as_tensor(np.asarray(dst).reshape(-1), dtype=torch.long, device=reference.device)
+        if self.dst.numel() != numel(self.in_shape) or self.dst.unique().numel() != self.dst.numel():
+            raise ValueError(f"ScatterOp: needs {numel(self.in_shape)} distinct positions")
+        self._zero = reference.new_zeros(self.out_shape)
+
+    def linear(self, x):
+        out = x.new_zeros(x.shape[0], self.out_features)
+        out[:, self.dst] = x.reshape(x.shape[0], -1)
+        return out.reshape(x.shape[0], *self.out_shape)
+
+    def transpose(self, y):
+        return y.reshape(y.shape[0], -1)[:, self.dst].reshape(y.shape[0], *self.in_shape)
+
+    def bias(self):
+        return self._zero
+
+    def interval(self, center, radius):
+        return self.linear(center), self.linear(radius)
+
+    def as_matrix(self):
+        n = self.in_features
+        return sp.csr_matrix((np.ones(n), (self.dst.cpu().numpy(), np.arange(n))), shape=(self.out_features, n))
+
+    def to(self, device=None, dtype=None):
+        ref = self._zero.to(device=device, dtype=dtype)
+        return ScatterOp(self.dst.cpu().numpy(), self.in_shape, self.out_shape, ref)
+
+    @property
+    def cost(self):
+        return self.in_features
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
 
@@ -138,6 +176,8 @@ def merge(a: Affine, b: Affine):
         w = b.weight.new_zeros(b.weight.shape[0], a.in_features)
         w.index_add_(1, a.src, b.weight)
         return LinearOp(w, b.bias(), a.in_shape)
+    if isinstance(a, ScatterOp) and isinstance(b, LinearOp):
+        return LinearOp(b.weight[:, a.dst], b.bias(), a.in_shape)
     if isinstance(a, IndexOp) and isinstance(b, IndexOp):
         return IndexOp(a.src[b.src].cpu().numpy(), a.in_shape, b.out_shape, a.bias())
     if isinstance(a, LinearOp) and isinstance(b, LinearOp):
@@ -173,4 +213,4 @@ def simplify(op: Affine) -> Affine:
     return out[0] if len(out) == 1 else ComposedOp(out)
 
 
-__all__ = ["ElementwiseOp", "IndexOp", "merge", "simplify"]
+__all__ = ["ElementwiseOp", "IndexOp", "ScatterOp", "merge", "simplify"]
