@@ -9,11 +9,15 @@ that is exact (:func:`polytope_lab.onnx_ops.simplify`): normalisation ``Sub``/``
 layer, ``BatchNormalization`` into the convolution before it, ``MatMul`` + ``Add`` into one layer.
 
 Conventions: the graph has one input and one output; the input's leading dimension is the batch (1 or
-symbolic) and is dropped, so ``[1, 784, 1]`` gives ``input_shape == (784, 1)``; every value that depends on
-the input keeps that batch axis of size 1 in front; the output is flattened in C order (``Y_j`` of VNN-LIB).
-A ``Relu`` after the last layer is kept (an identity affine after it). Weights become ``dtype`` tensors
-(default float64: the float32 ONNX weights are represented exactly). ``load_onnx(..., as_torch=True)``
-or :func:`to_sequential` gives an equivalent ``nn.Sequential`` when the network has no skip connections.
+symbolic; the graph is interpreted at batch size 1) and is dropped, so ``[1, 784, 1]`` gives
+``input_shape == (784, 1)``; values inside keep their ONNX shapes, the operators built for them get
+per-example shapes (a leading axis of size 1 dropped); the output is flattened in C order (``Y_j`` of
+VNN-LIB). A ``Relu`` after the last layer is kept (an identity affine after it: the output is ReLU(f)).
+Weights become ``dtype`` tensors (default float64, which holds float32 weights exactly: the network is the
+real-valued function of the file's weights; onnxruntime's float32 arithmetic differs by rounding, ~1e-7
+relative). ``load_onnx(..., as_torch=True)`` or :func:`to_sequential` gives an equivalent ``nn.Sequential``
+(trainable nn.Linear / nn.Conv2d copies of the weights) when the network has no skip connections; the
+:class:`Network` itself holds constant tensors.
 """
 from __future__ import annotations
 
@@ -28,7 +32,6 @@ from .network import Affine, ComposedOp, Conv2dOp, IdentityOp, LinearOp, Network
 from .onnx_ops import ElementwiseOp, IndexOp, ScatterOp, simplify
 from .onnx_constants import (CONSTANT_OPS, REARRANGE_OPS, SUPPORTED_OPS, as_constant, attributes, conv_pads,
                              evaluate_constant, unsupported)
-
 
 
 def _as_model(path_or_model) -> onnx.ModelProto:
@@ -76,7 +79,7 @@ def _needed(graph, output: str) -> list:
 
 
 class _Interpreter:
-    """Runs the graph with numpy constants and symbolic :class:`Expression` s (per-example shapes)."""
+    """Runs the graph on numpy constants and :class:`Expression` s (the input-dependent values, ONNX shapes)."""
 
     def __init__(self, graph, dtype):
         self.dtype = dtype
@@ -311,16 +314,18 @@ def _relu(it, node, ins, attrs):
     return it.builder.reshape(it.builder.relu(it.builder.reshape(x, example(x.shape))), x.shape)
 
 
-_SYMBOLIC = {"Relu": _relu, "Concat": _concat, "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm,
-             "AveragePool": _average_pool, "GlobalAveragePool": _average_pool,
+#: op type -> handler(interpreter, node, inputs, attributes) -> Expression, for nodes reading input-dependent values
+_SYMBOLIC = {"Relu": _relu, "Concat": _concat, "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv,
+             "BatchNormalization": _batch_norm, "AveragePool": _average_pool, "GlobalAveragePool": _average_pool,
              **{op: _arithmetic for op in ("Add", "Sub", "Mul", "Div", "Neg")},
              **{op: _rearrange for op in REARRANGE_OPS}}
 
 
 def load_onnx(path_or_model, *, dtype=torch.float64, as_torch: bool = False):
-    """The ONNX network at ``path_or_model`` (a path or an ``onnx.ModelProto``) as a :class:`Network`
-    (``as_torch=True``: as an equivalent ``nn.Sequential``, see :func:`to_sequential`). Unsupported ops,
-    several inputs or outputs, dynamic shapes → ``ValueError`` naming the problem (and the supported ops)."""
+    """The ONNX network at ``path_or_model`` (a path or an ``onnx.ModelProto``) as a :class:`Network` with
+    weights in ``dtype`` (``as_torch=True``: an equivalent ``nn.Sequential``, see :func:`to_sequential`).
+    An op outside ``SUPPORTED_OPS`` (or used in a way that is not affine), several inputs or outputs, or
+    dynamic shapes besides the batch → ``ValueError`` naming the node, its op type and the supported ops."""
     model = _as_model(path_or_model)
     net = _Interpreter(model.graph, dtype).run()
     return to_sequential(net) if as_torch else net

@@ -413,6 +413,9 @@ def test_to_sequential_round_trip_and_skip_error(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(x), net(x))
         torch.testing.assert_close(seq(x).reshape(3, -1), net(x))
+    loss, _ = pl.robust_loss(seq, 0.05, x, torch.tensor([0, 1, 2]))  # trainable: gradients reach the weights
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in seq.parameters())
     res = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Add", ["h", "x"], ["y"])]
     with pytest.raises(ValueError, match="skip connections"):
         to_sequential(load_onnx(_model(res, [1, 3])))

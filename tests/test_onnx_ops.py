@@ -32,7 +32,8 @@ def _small_net_for_bounds():
 def _nhwc_net_with_trailing_relu():
     r = _rng(4)
     nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
-             helper.make_node("Conv", ["t", "K", "c"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["z"]),
+             helper.make_node("Conv", ["t", "K", "c"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["z"]),
              helper.make_node("AveragePool", ["z"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
              helper.make_node("Transpose", ["p"], ["u"], perm=[0, 2, 3, 1]),
              helper.make_node("Reshape", ["u", "shape"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["g"], transB=1),
