@@ -67,7 +67,7 @@ def test_converted_operators_are_consistent(name):
 
 
 @pytest.mark.parametrize("name", NETS_FOR_BOUNDS)
-@pytest.mark.parametrize("backend", ["dual", "interval"])
+@pytest.mark.parametrize("backend", ["dual", "interval", "lp"])
 def test_bounds_of_the_converted_network_contain_onnxruntime_outputs(tmp_path, backend, name):
     path = tmp_path / "small.onnx"
     onnx.save(NETS_FOR_BOUNDS[name](), str(path))
@@ -97,3 +97,14 @@ def test_mnistfc_dual_bounds_contain_onnxruntime_outputs():
     assert net32.dtype == torch.float32
     with torch.no_grad():
         torch.testing.assert_close(net32(x.float()).double(), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NETS_FOR_BOUNDS)
+def test_every_backend_agrees_on_converted_networks(name):
+    """cross_check's sandwich (dual ≤ LP ≤ MILP exact ≤ PGD attack) holds on each converted network."""
+    net = load_onnx(NETS_FOR_BOUNDS[name]())
+    x = torch.from_numpy(_rng(6).uniform(0, 1, (1,) + net.input_shape))
+    table = pl.cross_check(net, pl.LinfBall(x, 0.05, clip=(0.0, 1.0)), C=torch.eye(net.output_size)[:2],
+                           attack_steps=20)
+    bounds = table[table["status"] != "attack"]  # the attack's rows are the reference
+    assert len(bounds) >= 10 and (bounds["verdict"] == "ok").all(), bounds
