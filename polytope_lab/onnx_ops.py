@@ -135,12 +135,12 @@ def _per_channel(t: torch.Tensor):
     return first.reshape(-1) if torch.equal(t, first.expand_as(t)) else None
 
 
-def _linear_then_linear(a: LinearOp, b: LinearOp, b_bias=True):
+def _linear_then_linear(a: LinearOp, b: LinearOp):
     m, n = a.weight.shape
     p = b.weight.shape[0]
     if p * n > m * n + p * m:  # the product would be larger than the two factors
         return None
-    return LinearOp(b.weight @ a.weight, b.weight @ a.bias() + (b.bias() if b_bias else 0), a.in_shape)
+    return LinearOp(b.weight @ a.weight, b.weight @ a.bias() + b.bias(), a.in_shape)
 
 
 def _elementwise_then_conv(a: ElementwiseOp, b: Conv2dOp):
@@ -164,6 +164,8 @@ def _conv_then_elementwise(a: Conv2dOp, b: ElementwiseOp):
 
 def merge(a: Affine, b: Affine):
     """One operator equal to ``b ∘ a``, or None when there is no exact cheaper one."""
+    if isinstance(b, LinearPartOp) and isinstance(b.op, LinearOp):  # a dense layer whose bias is added elsewhere
+        b = LinearOp(b.op.weight, None, b.op.in_shape)
     if isinstance(a, ElementwiseOp) and isinstance(b, ElementwiseOp):
         return ElementwiseOp(_flat(a.scale) * _flat(b.scale), _flat(a.shift) * _flat(b.scale) + _flat(b.shift),
                              a.in_shape)
@@ -182,8 +184,6 @@ def merge(a: Affine, b: Affine):
         return IndexOp(a.src[b.src].cpu().numpy(), a.in_shape, b.out_shape, a.bias())
     if isinstance(a, LinearOp) and isinstance(b, LinearOp):
         return _linear_then_linear(a, b)
-    if isinstance(a, LinearOp) and isinstance(b, LinearPartOp) and isinstance(b.op, LinearOp):
-        return _linear_then_linear(a, b.op, b_bias=False)  # a skip term: b's bias is added once, elsewhere
     if isinstance(a, ElementwiseOp) and isinstance(b, Conv2dOp):
         return _elementwise_then_conv(a, b)
     if isinstance(a, Conv2dOp) and isinstance(b, ElementwiseOp):

@@ -149,15 +149,20 @@ def test_conv_strides_pads_dilations(tmp_path, auto_pad, strides):
     assert isinstance(net.affines[0], Conv2dOp)
 
 
-def test_normalisation_before_a_padded_conv_stays_exact(tmp_path):
+@pytest.mark.parametrize("pad", [0, 1])
+def test_per_channel_normalisation_before_a_conv(tmp_path, pad):
+    """Folded into the convolution without padding; kept as its own operator before a padded one (the
+    padded zeros are not normalised), exact either way."""
     r = _rng()
+    side = 4 + 2 * pad - 2
     nodes = [helper.make_node("Sub", ["x", "mean"], ["s"]), helper.make_node("Div", ["s", "std"], ["d"]),
-             helper.make_node("Conv", ["d", "K"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["z"]),
+             helper.make_node("Conv", ["d", "K"], ["a"], pads=[pad] * 4), helper.make_node("Relu", ["a"], ["z"]),
              helper.make_node("Flatten", ["z"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
     inits = {"mean": np.array([0.5, -0.2], np.float32).reshape(1, 2, 1, 1),
              "std": np.array([0.25, 0.5], np.float32).reshape(1, 2, 1, 1), "K": _w(r, 3, 2, 3, 3),
-             "W": _w(r, 2, 3 * 4 * 4)}
-    _check(_model(nodes, [1, 2, 4, 4], inits), tmp_path)
+             "W": _w(r, 2, 3 * side * side)}
+    net = _check(_model(nodes, [1, 2, 4, 4], inits), tmp_path)
+    assert isinstance(net.affines[0], Conv2dOp) == (pad == 0)
 
 
 def _bn_inits(r, c, prefix):
@@ -277,6 +282,14 @@ def _concat_model():
 
 def test_concat_of_branches_and_constants(tmp_path):
     assert _check(_concat_model(), tmp_path).has_skips
+
+
+def test_concat_into_a_dense_layer_folds_away(tmp_path):
+    r = _rng()
+    nodes = [helper.make_node("Gemm", ["x", "W1"], ["a"], transB=1), helper.make_node("Relu", ["a"], ["h"]),
+             helper.make_node("Concat", ["x", "h"], ["c"], axis=1), helper.make_node("Gemm", ["c", "W2"], ["y"])]
+    net = _check(_model(nodes, [1, 3], {"W1": _w(r, 4, 3), "W2": _w(r, 7, 2)}), tmp_path)
+    assert isinstance(net.affines[-1], LinearOp) and isinstance(net.skips[1][0][1], LinearOp)
 
 
 def test_vectors_dropout_and_broadcasting_constants(tmp_path):
