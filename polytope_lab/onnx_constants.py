@@ -70,7 +70,8 @@ def _reshape(node, ins, attrs):
 
 def _flatten(node, ins, attrs):
     x = ins[0]
-    axis = attrs.get("axis", 1) % (x.ndim + 1) if x.ndim else 0
+    axis = attrs.get("axis", 1)
+    axis = axis + x.ndim if axis < 0 else axis  # ONNX: -r <= axis <= r
     return x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))
 
 

@@ -97,7 +97,7 @@ def test_gemm_trans_a_after_transpose(tmp_path):
 
 def test_flatten_gemm_on_a_3d_input(tmp_path):
     r = _rng()
-    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1),
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=-2),  # = axis 1 of the rank-3 input
              helper.make_node("Gemm", ["f", "W", "b"], ["h"], transB=1),
              helper.make_node("Relu", ["h"], ["z"]),
              helper.make_node("Gemm", ["z", "W2", "b2"], ["y"], transB=1)]
