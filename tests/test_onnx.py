@@ -22,15 +22,15 @@ from conftest import real_path
 RTOL = 1e-5  # relative to the largest output: onnxruntime computes in float32
 
 
-def _rng(seed=0):
+def rng(seed=0):
     return np.random.default_rng(seed)
 
 
-def _w(rng, *shape, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(np.float32)
+def weights(gen, *shape, scale=1.0):
+    return (scale * gen.standard_normal(shape)).astype(np.float32)
 
 
-def _model(nodes, input_shape, inits=None, opset=13, output="y", inputs=None, outputs=None):
+def onnx_model(nodes, input_shape, inits=None, opset=13, output="y", inputs=None, outputs=None):
     """An ONNX model of ``nodes`` with one float input "x" of ``input_shape`` and output ``output``."""
     inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))]
     outputs = outputs or [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)]
@@ -41,7 +41,7 @@ def _model(nodes, input_shape, inits=None, opset=13, output="y", inputs=None, ou
     return model
 
 
-def _ort_outputs(path, x: np.ndarray) -> np.ndarray:
+def ort_outputs(path, x: np.ndarray) -> np.ndarray:
     """onnxruntime's outputs on ``x`` (N, *input_shape), one example at a time (the ONNX input's batch
     dimension may be fixed at 1), flattened to (N, n_out)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -59,8 +59,8 @@ def _check(model, tmp_path, n=5, seed=1):
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))
     net = load_onnx(path)
-    x = _rng(seed).uniform(-1, 1, (n,) + net.input_shape).astype(np.float32)
-    reference = _ort_outputs(path, x)
+    x = rng(seed).uniform(-1, 1, (n,) + net.input_shape).astype(np.float32)
+    reference = ort_outputs(path, x)
     with torch.no_grad():
         ours = net(torch.from_numpy(x).double()).numpy()
     assert ours.shape == reference.shape
@@ -78,74 +78,74 @@ def _check(model, tmp_path, n=5, seed=1):
 
 
 def test_gemm_attributes_and_trailing_relu(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], alpha=0.7, beta=1.3, transB=1),
              helper.make_node("Relu", ["h"], ["z"]),
              helper.make_node("Gemm", ["z", "W2", "b2"], ["o"]),
              helper.make_node("Relu", ["o"], ["y"])]
-    inits = {"W1": _w(r, 8, 6), "b1": _w(r, 1, 8), "W2": _w(r, 8, 3), "b2": _w(r, 3)}
-    net = _check(_model(nodes, [1, 6], inits), tmp_path)
+    inits = {"W1": weights(r, 8, 6), "b1": weights(r, 1, 8), "W2": weights(r, 8, 3), "b2": weights(r, 3)}
+    net = _check(onnx_model(nodes, [1, 6], inits), tmp_path)
     assert len(net.affines) == 3 and isinstance(net.affines[-1], IdentityOp)  # ReLU(f): the ReLU is kept
 
 
 def test_gemm_trans_a_after_transpose(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0]),
              helper.make_node("Gemm", ["t", "W"], ["y"], transA=1)]
-    _check(_model(nodes, [1, 4], {"W": _w(r, 4, 3)}), tmp_path)
+    _check(onnx_model(nodes, [1, 4], {"W": weights(r, 4, 3)}), tmp_path)
 
 
 def test_flatten_gemm_on_a_3d_input(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=-2),  # = axis 1 of the rank-3 input
              helper.make_node("Gemm", ["f", "W", "b"], ["h"], transB=1),
              helper.make_node("Relu", ["h"], ["z"]),
              helper.make_node("Gemm", ["z", "W2", "b2"], ["y"], transB=1)]
-    inits = {"W": _w(r, 7, 5), "b": _w(r, 7), "W2": _w(r, 2, 7), "b2": _w(r, 2)}
-    net = _check(_model(nodes, [1, 5, 1], inits), tmp_path)
+    inits = {"W": weights(r, 7, 5), "b": weights(r, 7), "W2": weights(r, 2, 7), "b2": weights(r, 2)}
+    net = _check(onnx_model(nodes, [1, 5, 1], inits), tmp_path)
     assert net.input_shape == (5, 1)  # the leading 1 is the batch
 
 
 def test_matmul_add_folds_into_one_dense_layer(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["m"]), helper.make_node("Add", ["m", "b1"], ["h"]),
              helper.make_node("Relu", ["h"], ["z"]),
              helper.make_node("MatMul", ["z", "W2"], ["m2"]), helper.make_node("Add", ["b2", "m2"], ["y"])]
-    inits = {"W1": _w(r, 5, 4), "b1": _w(r, 4), "W2": _w(r, 4, 3), "b2": _w(r, 3)}
-    net = _check(_model(nodes, [1, 5], inits), tmp_path)
+    inits = {"W1": weights(r, 5, 4), "b1": weights(r, 4), "W2": weights(r, 4, 3), "b2": weights(r, 3)}
+    net = _check(onnx_model(nodes, [1, 5], inits), tmp_path)
     assert all(isinstance(a, LinearOp) for a in net.affines)
 
 
 def test_matmul_with_the_constant_on_the_left(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("MatMul", ["W", "x"], ["m"]), helper.make_node("Relu", ["m"], ["z"]),
              helper.make_node("Flatten", ["z"], ["f"]), helper.make_node("MatMul", ["f", "W2"], ["y"])]
-    _check(_model(nodes, [1, 5, 2], {"W": _w(r, 4, 5), "W2": _w(r, 8, 3)}), tmp_path)
+    _check(onnx_model(nodes, [1, 5, 2], {"W": weights(r, 4, 5), "W2": weights(r, 8, 3)}), tmp_path)
 
 
 def test_normalisation_folds_into_the_next_dense_layer(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("Sub", ["x", "mean"], ["s"]), helper.make_node("Div", ["s", "std"], ["d"]),
              helper.make_node("Mul", ["d", "k"], ["m"]), helper.make_node("Sub", ["c", "m"], ["n"]),
              helper.make_node("Neg", ["n"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
              helper.make_node("Gemm", ["f", "W", "b"], ["y"], transB=1)]
     inits = {"mean": np.array([[[[0.13]], [[0.2]]]], np.float32), "std": np.array([0.3], np.float32),
-             "k": _w(r, 1, 2, 3, 3), "c": _w(r, 3), "W": _w(r, 4, 18), "b": _w(r, 4)}
-    net = _check(_model(nodes, [1, 2, 3, 3], inits), tmp_path)
+             "k": weights(r, 1, 2, 3, 3), "c": weights(r, 3), "W": weights(r, 4, 18), "b": weights(r, 4)}
+    net = _check(onnx_model(nodes, [1, 2, 3, 3], inits), tmp_path)
     assert len(net.affines) == 1 and isinstance(net.affines[0], LinearOp)
 
 
 @pytest.mark.parametrize("auto_pad,strides", [(None, 2), ("SAME_UPPER", 1), ("SAME_LOWER", 1), ("VALID", 2)])
 def test_conv_strides_pads_dilations(tmp_path, auto_pad, strides):
-    r = _rng()
+    r = rng()
     pad = {"auto_pad": auto_pad} if auto_pad else {"pads": [1, 1, 1, 1]}
     nodes = [helper.make_node("Conv", ["x", "K1", "c1"], ["a"], strides=[strides] * 2, kernel_shape=[3, 3], **pad),
              helper.make_node("Relu", ["a"], ["z"]),
              helper.make_node("Conv", ["z", "K2"], ["b"], dilations=[2, 2]),
              helper.make_node("Relu", ["b"], ["z2"]),
              helper.make_node("Flatten", ["z2"], ["y"])]
-    inits = {"K1": _w(r, 3, 2, 3, 3), "c1": _w(r, 3), "K2": _w(r, 4, 3, 3, 3)}
-    net = _check(_model(nodes, [1, 2, 11, 11], inits), tmp_path)
+    inits = {"K1": weights(r, 3, 2, 3, 3), "c1": weights(r, 3), "K2": weights(r, 4, 3, 3, 3)}
+    net = _check(onnx_model(nodes, [1, 2, 11, 11], inits), tmp_path)
     assert isinstance(net.affines[0], Conv2dOp)
 
 
@@ -153,25 +153,25 @@ def test_conv_strides_pads_dilations(tmp_path, auto_pad, strides):
 def test_per_channel_normalisation_before_a_conv(tmp_path, pad):
     """Folded into the convolution without padding; kept as its own operator before a padded one (the
     padded zeros are not normalised), exact either way."""
-    r = _rng()
+    r = rng()
     side = 4 + 2 * pad - 2
     nodes = [helper.make_node("Sub", ["x", "mean"], ["s"]), helper.make_node("Div", ["s", "std"], ["d"]),
              helper.make_node("Conv", ["d", "K"], ["a"], pads=[pad] * 4), helper.make_node("Relu", ["a"], ["z"]),
              helper.make_node("Flatten", ["z"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
     inits = {"mean": np.array([0.5, -0.2], np.float32).reshape(1, 2, 1, 1),
-             "std": np.array([0.25, 0.5], np.float32).reshape(1, 2, 1, 1), "K": _w(r, 3, 2, 3, 3),
-             "W": _w(r, 2, 3 * side * side)}
-    net = _check(_model(nodes, [1, 2, 4, 4], inits), tmp_path)
+             "std": np.array([0.25, 0.5], np.float32).reshape(1, 2, 1, 1), "K": weights(r, 3, 2, 3, 3),
+             "W": weights(r, 2, 3 * side * side)}
+    net = _check(onnx_model(nodes, [1, 2, 4, 4], inits), tmp_path)
     assert isinstance(net.affines[0], Conv2dOp) == (pad == 0)
 
 
 def _bn_inits(r, c, prefix):
-    return {f"{prefix}s": _w(r, c), f"{prefix}b": _w(r, c), f"{prefix}m": _w(r, c),
+    return {f"{prefix}s": weights(r, c), f"{prefix}b": weights(r, c), f"{prefix}m": weights(r, c),
             f"{prefix}v": r.uniform(0.5, 2.0, c).astype(np.float32)}
 
 
 def test_batch_normalization_after_conv_and_dense_layers(tmp_path):
-    r = _rng()
+    r = rng()
     bn = [f"bn{k}" for k in "sbmv"]
     bn1 = [f"bm{k}" for k in "sbmv"]
     nodes = [helper.make_node("Conv", ["x", "K"], ["a"]),
@@ -180,15 +180,15 @@ def test_batch_normalization_after_conv_and_dense_layers(tmp_path):
              helper.make_node("Gemm", ["f", "W"], ["g"], transB=1),
              helper.make_node("BatchNormalization", ["g"] + bn1, ["h"]),
              helper.make_node("Relu", ["h"], ["z2"]), helper.make_node("Gemm", ["z2", "W2"], ["y"], transB=1)]
-    inits = {"K": _w(r, 3, 1, 3, 3), "W": _w(r, 5, 12), "W2": _w(r, 2, 5), **_bn_inits(r, 3, "bn"),
+    inits = {"K": weights(r, 3, 1, 3, 3), "W": weights(r, 5, 12), "W2": weights(r, 2, 5), **_bn_inits(r, 3, "bn"),
              **_bn_inits(r, 5, "bm")}
-    net = _check(_model(nodes, [1, 1, 4, 4], inits), tmp_path)
+    net = _check(onnx_model(nodes, [1, 1, 4, 4], inits), tmp_path)
     assert isinstance(net.affines[0], Conv2dOp) and isinstance(net.affines[1], LinearOp)  # folded
 
 
 @pytest.mark.parametrize("pool", ["plain", "padded", "padded-include", "global"])
 def test_average_pool(tmp_path, pool):
-    r = _rng()
+    r = rng()
     attrs = {"plain": dict(kernel_shape=[2, 2], strides=[2, 2]),
              "padded": dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
              "padded-include": dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2], count_include_pad=1),
@@ -198,18 +198,18 @@ def test_average_pool(tmp_path, pool):
     nodes = [helper.make_node("Conv", ["x", "K"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["z"]),
              helper.make_node(op, ["z"], ["p"], **attrs), helper.make_node("Flatten", ["p"], ["f"]),
              helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
-    _check(_model(nodes, [1, 2, 4, 4], {"K": _w(r, 3, 2, 3, 3), "W": _w(r, 2, 3 * out)}), tmp_path)
+    _check(onnx_model(nodes, [1, 2, 4, 4], {"K": weights(r, 3, 2, 3, 3), "W": weights(r, 2, 3 * out)}), tmp_path)
 
 
 def test_nhwc_input_through_transpose_and_reshape(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
              helper.make_node("Conv", ["t", "K", "c"], ["a"]), helper.make_node("Relu", ["a"], ["z"]),
              helper.make_node("Transpose", ["z"], ["u"], perm=[0, 2, 3, 1]),
              helper.make_node("Reshape", ["u", "shape"], ["f"]),
              helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
-    inits = {"K": _w(r, 3, 2, 3, 3), "c": _w(r, 3), "shape": np.array([1, -1], np.int64), "W": _w(r, 2, 12)}
-    net = _check(_model(nodes, [1, 4, 4, 2], inits), tmp_path)
+    inits = {"K": weights(r, 3, 2, 3, 3), "c": weights(r, 3), "shape": np.array([1, -1], np.int64), "W": weights(r, 2, 12)}
+    net = _check(onnx_model(nodes, [1, 4, 4, 2], inits), tmp_path)
     assert net.input_shape == (4, 4, 2)
 
 
@@ -222,7 +222,7 @@ def _unsqueeze(opset, name, data, axis, out):
 
 @pytest.mark.parametrize("opset", [11, 13])
 def test_constant_shape_subgraph_feeding_reshape_folds_away(tmp_path, opset):
-    r = _rng()
+    r = rng()
     const = lambda out, v: helper.make_node("Constant", [], [out], value=numpy_helper.from_array(v))  # noqa: E731
     nodes = [helper.make_node("Shape", ["x"], ["s"]), const("zero", np.array(0, np.int64)),
              helper.make_node("Gather", ["s", "zero"], ["n"], axis=0), _unsqueeze(opset, "Unsqueeze", "n", 0, "n1"),
@@ -231,77 +231,77 @@ def test_constant_shape_subgraph_feeding_reshape_folds_away(tmp_path, opset):
              helper.make_node("Gemm", ["f", "W"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["z"]),
              _unsqueeze(opset, "Unsqueeze", "z", 2, "z3"), _unsqueeze(opset, "Squeeze", "z3", 2, "z2"),
              helper.make_node("Gemm", ["z2", "W2"], ["y"], transB=1)]
-    inits = {"W": _w(r, 4, 6), "W2": _w(r, 2, 4)}
+    inits = {"W": weights(r, 4, 6), "W2": weights(r, 2, 4)}
     if opset >= 13:
         inits.update(axis0=np.array([0], np.int64), axis2=np.array([2], np.int64))
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3])]
-    _check(_model(nodes, None, inits, opset=opset, inputs=inputs), tmp_path)
+    _check(onnx_model(nodes, None, inits, opset=opset, inputs=inputs), tmp_path)
 
 
 def test_slice_and_gather_of_input_dependent_values(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["s"]),
              helper.make_node("Gather", ["s", "idx"], ["g"], axis=1),
              helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
     inits = {"starts": np.array([1], np.int64), "ends": np.array([4], np.int64), "axes": np.array([2], np.int64),
-             "idx": np.array([2, 0, 0], np.int64), "W": _w(r, 2, 9)}
-    _check(_model(nodes, [1, 3, 5], inits), tmp_path)
+             "idx": np.array([2, 0, 0], np.int64), "W": weights(r, 2, 9)}
+    _check(onnx_model(nodes, [1, 3, 5], inits), tmp_path)
 
 
 def test_residual_adds_become_skip_connections(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["a"], transB=1), helper.make_node("Relu", ["a"], ["h"]),
              helper.make_node("Add", ["h", "x"], ["r"]),  # the block's input added to its output
              helper.make_node("Gemm", ["r", "W2", "b2"], ["c"], transB=1), helper.make_node("Relu", ["c"], ["h2"]),
              helper.make_node("Sub", ["h2", "h"], ["r2"]),
              helper.make_node("Gemm", ["r2", "W3"], ["y"], transB=1)]
-    inits = {"W1": _w(r, 4, 4), "b1": _w(r, 4), "W2": _w(r, 4, 4), "b2": _w(r, 4), "W3": _w(r, 3, 4)}
-    net = _check(_model(nodes, [1, 4], inits), tmp_path)
+    inits = {"W1": weights(r, 4, 4), "b1": weights(r, 4), "W2": weights(r, 4, 4), "b2": weights(r, 4), "W3": weights(r, 3, 4)}
+    net = _check(onnx_model(nodes, [1, 4], inits), tmp_path)
     assert net.has_skips
 
 
 def test_parallel_branches_meet_again(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("Gemm", ["x", "W1"], ["a"], transB=1), helper.make_node("Relu", ["a"], ["h1"]),
              helper.make_node("Gemm", ["x", "W2"], ["b"], transB=1), helper.make_node("Relu", ["b"], ["h2"]),
              helper.make_node("Add", ["h1", "h2"], ["s"]), helper.make_node("Gemm", ["s", "W3"], ["y"], transB=1)]
-    net = _check(_model(nodes, [1, 4], {"W1": _w(r, 5, 4), "W2": _w(r, 5, 4), "W3": _w(r, 2, 5)}), tmp_path)
+    net = _check(onnx_model(nodes, [1, 4], {"W1": weights(r, 5, 4), "W2": weights(r, 5, 4), "W3": weights(r, 2, 5)}), tmp_path)
     assert net.has_skips
 
 
-def _concat_model():
-    r = _rng()
+def concat_model():
+    r = rng()
     nodes = [helper.make_node("Conv", ["x", "K1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["h1"]),
              helper.make_node("Conv", ["x", "K2"], ["b"], pads=[1, 1, 1, 1]),
              helper.make_node("Concat", ["h1", "c", "b", "x"], ["cat"], axis=1),  # relu out, constant, pre-act, input
              helper.make_node("Relu", ["cat"], ["z"]), helper.make_node("Conv", ["z", "K3"], ["y0"]),
              helper.make_node("Flatten", ["y0"], ["f"]), helper.make_node("Concat", ["f", "f"], ["y"], axis=0)]
-    inits = {"K1": _w(r, 2, 1, 3, 3), "K2": _w(r, 1, 1, 3, 3), "c": _w(r, 1, 1, 4, 4), "K3": _w(r, 2, 5, 3, 3)}
-    return _model(nodes, [1, 1, 4, 4], inits)
+    inits = {"K1": weights(r, 2, 1, 3, 3), "K2": weights(r, 1, 1, 3, 3), "c": weights(r, 1, 1, 4, 4), "K3": weights(r, 2, 5, 3, 3)}
+    return onnx_model(nodes, [1, 1, 4, 4], inits)
 
 
 def test_concat_of_branches_and_constants(tmp_path):
-    assert _check(_concat_model(), tmp_path).has_skips
+    assert _check(concat_model(), tmp_path).has_skips
 
 
 def test_concat_into_a_dense_layer_folds_away(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("Gemm", ["x", "W1"], ["a"], transB=1), helper.make_node("Relu", ["a"], ["h"]),
              helper.make_node("Concat", ["x", "h"], ["c"], axis=1), helper.make_node("Gemm", ["c", "W2"], ["y"])]
-    net = _check(_model(nodes, [1, 3], {"W1": _w(r, 4, 3), "W2": _w(r, 7, 2)}), tmp_path)
+    net = _check(onnx_model(nodes, [1, 3], {"W1": weights(r, 4, 3), "W2": weights(r, 7, 2)}), tmp_path)
     assert isinstance(net.affines[-1], LinearOp) and isinstance(net.skips[1][0][1], LinearOp)
 
 
 def test_vectors_dropout_and_broadcasting_constants(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("Reshape", ["x", "flat"], ["v"]),  # a vector without the batch axis
              helper.make_node("MatMul", ["v", "W1"], ["m"]), helper.make_node("Add", ["m", "b1"], ["h"]),
              helper.make_node("Dropout", ["h"], ["d"]), helper.make_node("Relu", ["d"], ["z"]),
              helper.make_node("MatMul", ["z", "W2"], ["u"]),  # (1, 1, 4) @ (4, 3)
              helper.make_node("Reshape", ["u", "flat"], ["w"]), helper.make_node("MatMul", ["W3", "w"], ["y"])]
-    inits = {"flat": np.array([-1], np.int64), "W1": _w(r, 6, 4), "b1": _w(r, 1, 1, 4), "W2": _w(r, 4, 3),
-             "W3": _w(r, 2, 3)}
-    _check(_model(nodes, [1, 2, 3], inits), tmp_path)
+    inits = {"flat": np.array([-1], np.int64), "W1": weights(r, 6, 4), "b1": weights(r, 1, 1, 4), "W2": weights(r, 4, 3),
+             "W3": weights(r, 2, 3)}
+    _check(onnx_model(nodes, [1, 2, 3], inits), tmp_path)
 
 
 class _ResidualConv(nn.Module):
@@ -334,7 +334,7 @@ def test_torch_exported_residual_convnet_with_dynamic_batch(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def _property_centre(path) -> np.ndarray:
+def property_centre(path) -> np.ndarray:
     """The midpoint of the X_i bounds of a VNN-LIB file (asserts of the form (<= X_i c) / (>= X_i c))."""
     bounds = {}
     for op, i, value in re.findall(r"\(\s*(<=|>=)\s+X_(\d+)\s+([-+0-9.eE]+)\s*\)", path.read_text()):
@@ -347,9 +347,9 @@ def test_mnistfc_matches_onnxruntime_on_the_property_centres():
     path = folder / "mnist-net_256x2.onnx"
     net = load_onnx(path)
     assert net.input_shape == (784, 1) and net.output_size == 10 and len(net.affines) == 3
-    x = np.stack([_property_centre(folder / f"prop_{i}_0.03.vnnlib") for i in range(15)]).astype(np.float32)
+    x = np.stack([property_centre(folder / f"prop_{i}_0.03.vnnlib") for i in range(15)]).astype(np.float32)
     assert x.shape == (15, 784) and x.min() >= 0 and x.max() <= 1
-    reference = _ort_outputs(path, x.reshape(15, 784, 1))
+    reference = ort_outputs(path, x.reshape(15, 784, 1))
     with torch.no_grad():
         ours = net(torch.from_numpy(x).double().reshape(15, 784, 1)).numpy()
     assert _relative_error(ours, reference) <= RTOL
@@ -365,46 +365,46 @@ def test_mnistfc_matches_onnxruntime_on_the_property_centres():
 def test_unsupported_op_names_the_node_its_type_and_the_supported_set(tmp_path, op, attrs):
     nodes = [helper.make_node(op, ["x"], ["p"], name="the_culprit", **attrs), helper.make_node("Relu", ["p"], ["y"])]
     with pytest.raises(ValueError, match=rf"'the_culprit' \(op type {op}\).*Supported ops: Add, AveragePool"):
-        load_onnx(_model(nodes, [1, 1, 4, 4]))
+        load_onnx(onnx_model(nodes, [1, 1, 4, 4]))
 
 
 def test_unsupported_uses_of_supported_ops(tmp_path):
-    r = _rng()
+    r = rng()
     mul = [helper.make_node("Mul", ["x", "x"], ["y"])]
     with pytest.raises(ValueError, match="Mul.*not affine"):
-        load_onnx(_model(mul, [1, 3]))
+        load_onnx(onnx_model(mul, [1, 3]))
     grouped = [helper.make_node("Conv", ["x", "K"], ["y"], group=2)]
     with pytest.raises(ValueError, match="group=2"):
-        load_onnx(_model(grouped, [1, 2, 4, 4], {"K": _w(r, 2, 1, 3, 3)}))
+        load_onnx(onnx_model(grouped, [1, 2, 4, 4], {"K": weights(r, 2, 1, 3, 3)}))
     asym = [helper.make_node("Conv", ["x", "K"], ["y"], pads=[0, 0, 1, 1])]
     with pytest.raises(ValueError, match="asymmetric padding"):
-        load_onnx(_model(asym, [1, 1, 4, 4], {"K": _w(r, 1, 1, 3, 3)}))
+        load_onnx(onnx_model(asym, [1, 1, 4, 4], {"K": weights(r, 1, 1, 3, 3)}))
     custom = [helper.make_node("Relu", ["x"], ["y"], domain="com.example")]
     with pytest.raises(ValueError, match="domain 'com.example'"):
-        load_onnx(_model(custom, [1, 3]))
+        load_onnx(onnx_model(custom, [1, 3]))
     dead = [helper.make_node("Sigmoid", ["x"], ["unused"]), helper.make_node("Relu", ["x"], ["y"])]
-    assert load_onnx(_model(dead, [1, 3])).output_size == 3  # a dead branch is never interpreted
+    assert load_onnx(onnx_model(dead, [1, 3])).output_size == 3  # a dead branch is never interpreted
 
 
 def test_graph_shape_errors(tmp_path):
     two_in = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3]) for n in ("x", "x2")]
     with pytest.raises(ValueError, match="one input and one output"):
-        load_onnx(_model([helper.make_node("Add", ["x", "x2"], ["y"])], None, inputs=two_in))
+        load_onnx(onnx_model([helper.make_node("Add", ["x", "x2"], ["y"])], None, inputs=two_in))
     two_out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "y2")]
     nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["y2"])]
     with pytest.raises(ValueError, match="one input and one output"):
-        load_onnx(_model(nodes, [1, 3], outputs=two_out))
+        load_onnx(onnx_model(nodes, [1, 3], outputs=two_out))
     dynamic = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "M"])]
     with pytest.raises(ValueError, match="dynamic dimensions"):
-        load_onnx(_model([helper.make_node("Relu", ["x"], ["y"])], None, inputs=dynamic))
+        load_onnx(onnx_model([helper.make_node("Relu", ["x"], ["y"])], None, inputs=dynamic))
     with pytest.raises(ValueError, match="leading dimension must be the batch"):
-        load_onnx(_model([helper.make_node("Relu", ["x"], ["y"])], [3, 2]))
+        load_onnx(onnx_model([helper.make_node("Relu", ["x"], ["y"])], [3, 2]))
     declared = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])]
     with pytest.raises(ValueError, match=r"declared with shape \[1, 5\]"):
-        load_onnx(_model([helper.make_node("Relu", ["x"], ["y"])], [1, 3], outputs=declared))
+        load_onnx(onnx_model([helper.make_node("Relu", ["x"], ["y"])], [1, 3], outputs=declared))
     const = [helper.make_node("Constant", [], ["y"], value=numpy_helper.from_array(np.ones(2, np.float32)))]
     with pytest.raises(ValueError, match="does not depend on the input"):
-        load_onnx(_model(const, [1, 3]))
+        load_onnx(onnx_model(const, [1, 3]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,11 +413,11 @@ def test_graph_shape_errors(tmp_path):
 
 
 def test_to_sequential_round_trip_and_skip_error(tmp_path):
-    r = _rng()
+    r = rng()
     nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
              helper.make_node("Conv", ["t", "K"], ["a"]), helper.make_node("Relu", ["a"], ["z"]),
              helper.make_node("Flatten", ["z"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
-    model = _model(nodes, [1, 4, 4, 1], {"K": _w(r, 2, 1, 3, 3), "W": _w(r, 3, 8)})
+    model = onnx_model(nodes, [1, 4, 4, 1], {"K": weights(r, 2, 1, 3, 3), "W": weights(r, 3, 8)})
     net = load_onnx(model)
     seq = load_onnx(model, as_torch=True)
     assert isinstance(seq, nn.Sequential) and any(isinstance(m, nn.Linear) for m in seq)
@@ -431,4 +431,4 @@ def test_to_sequential_round_trip_and_skip_error(tmp_path):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in seq.parameters())
     res = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Add", ["h", "x"], ["y"])]
     with pytest.raises(ValueError, match="skip connections"):
-        to_sequential(load_onnx(_model(res, [1, 3])))
+        to_sequential(load_onnx(onnx_model(res, [1, 3])))

@@ -13,24 +13,24 @@ import polytope_lab as pl
 from polytope_lab.onnx import load_onnx
 
 from conftest import assert_within, real_path, sample_region
-from test_onnx import RTOL, _concat_model, _model, _ort_outputs, _property_centre, _rng, _w
+from test_onnx import RTOL, concat_model, onnx_model, ort_outputs, property_centre, rng, weights
 
 
 def _small_net_for_bounds():
-    r = _rng(3)
+    r = rng(3)
     nodes = [helper.make_node("Sub", ["x", "mean"], ["s"]), helper.make_node("Div", ["s", "std"], ["d"]),
              helper.make_node("Conv", ["d", "K", "c"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
              helper.make_node("Relu", ["a"], ["z"]), helper.make_node("Flatten", ["z"], ["f"]),
              helper.make_node("MatMul", ["f", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["h"]),
              helper.make_node("Relu", ["h"], ["z2"]), helper.make_node("Add", ["z2", "h"], ["r"]),
              helper.make_node("Gemm", ["r", "W2", "b2"], ["y"], transB=1)]
-    inits = {"mean": np.array(0.4, np.float32), "std": np.array(0.2, np.float32), "K": _w(r, 2, 1, 3, 3),
-             "c": _w(r, 2), "W": _w(r, 8, 5), "b": _w(r, 5), "W2": _w(r, 3, 5), "b2": _w(r, 3)}
-    return _model(nodes, [1, 1, 4, 4], inits)
+    inits = {"mean": np.array(0.4, np.float32), "std": np.array(0.2, np.float32), "K": weights(r, 2, 1, 3, 3),
+             "c": weights(r, 2), "W": weights(r, 8, 5), "b": weights(r, 5), "W2": weights(r, 3, 5), "b2": weights(r, 3)}
+    return onnx_model(nodes, [1, 1, 4, 4], inits)
 
 
 def _nhwc_net_with_trailing_relu():
-    r = _rng(4)
+    r = rng(4)
     nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
              helper.make_node("Conv", ["t", "K", "c"], ["a"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["z"]),
@@ -38,12 +38,12 @@ def _nhwc_net_with_trailing_relu():
              helper.make_node("Transpose", ["p"], ["u"], perm=[0, 2, 3, 1]),
              helper.make_node("Reshape", ["u", "shape"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["g"], transB=1),
              helper.make_node("Relu", ["g"], ["y"])]
-    inits = {"K": _w(r, 2, 2, 3, 3), "c": _w(r, 2), "shape": np.array([1, -1], np.int64), "W": _w(r, 3, 8)}
-    return _model(nodes, [1, 4, 4, 2], inits)
+    inits = {"K": weights(r, 2, 2, 3, 3), "c": weights(r, 2), "shape": np.array([1, -1], np.int64), "W": weights(r, 3, 8)}
+    return onnx_model(nodes, [1, 4, 4, 2], inits)
 
 
 NETS_FOR_BOUNDS = {"normalised conv, residual": _small_net_for_bounds, "NHWC, pool, trailing relu":
-                   _nhwc_net_with_trailing_relu, "concat": _concat_model}
+                   _nhwc_net_with_trailing_relu, "concat": concat_model}
 
 
 @pytest.mark.parametrize("name", NETS_FOR_BOUNDS)
@@ -72,12 +72,12 @@ def test_bounds_of_the_converted_network_contain_onnxruntime_outputs(tmp_path, b
     path = tmp_path / "small.onnx"
     onnx.save(NETS_FOR_BOUNDS[name](), str(path))
     net = load_onnx(path)
-    x = torch.from_numpy(_rng(5).uniform(0, 1, (2,) + net.input_shape))
+    x = torch.from_numpy(rng(5).uniform(0, 1, (2,) + net.input_shape))
     region = pl.LinfBall(x, 0.1, clip=(0.0, 1.0))
     b = pl.Bounder.create(backend).bound(net, region)
     points = sample_region(region, 100).float()  # (N, B, *input_shape)
     N, B = points.shape[:2]
-    values = _ort_outputs(path, points.reshape(N * B, *net.input_shape).numpy()).reshape(N, B, -1)
+    values = ort_outputs(path, points.reshape(N * B, *net.input_shape).numpy()).reshape(N, B, -1)
     scale = max(1.0, float(np.abs(values).max()))
     assert_within(torch.from_numpy(values).double(), b.lower, b.upper, tol=RTOL * scale,
                   what="onnxruntime's outputs")
@@ -87,11 +87,11 @@ def test_mnistfc_dual_bounds_contain_onnxruntime_outputs():
     folder = real_path("POLYTOPE_LAB_BENCHMARKS", "vnncomp2021", "mnistfc", what="vnncomp2021/mnistfc/")
     path = folder / "mnist-net_256x2.onnx"
     net = load_onnx(path)
-    x = torch.from_numpy(_property_centre(folder / "prop_0_0.03.vnnlib")).reshape(1, 784, 1)
+    x = torch.from_numpy(property_centre(folder / "prop_0_0.03.vnnlib")).reshape(1, 784, 1)
     region = pl.LinfBall(x, 0.02, clip=(0.0, 1.0))
     b = pl.Bounder.create("dual").bound(net, region)
     points = sample_region(region, 50).float()
-    values = _ort_outputs(path, points.reshape(-1, 784, 1).numpy()).reshape(points.shape[0], 1, 10)
+    values = ort_outputs(path, points.reshape(-1, 784, 1).numpy()).reshape(points.shape[0], 1, 10)
     assert_within(torch.from_numpy(values).double(), b.lower, b.upper, tol=1e-4, what="onnxruntime's outputs")
     net32 = load_onnx(path, dtype=torch.float32)
     assert net32.dtype == torch.float32
@@ -103,7 +103,7 @@ def test_mnistfc_dual_bounds_contain_onnxruntime_outputs():
 def test_every_backend_agrees_on_converted_networks(name):
     """cross_check's sandwich (dual ≤ LP ≤ MILP exact ≤ PGD attack) holds on each converted network."""
     net = load_onnx(NETS_FOR_BOUNDS[name]())
-    x = torch.from_numpy(_rng(6).uniform(0, 1, (1,) + net.input_shape))
+    x = torch.from_numpy(rng(6).uniform(0, 1, (1,) + net.input_shape))
     table = pl.cross_check(net, pl.LinfBall(x, 0.05, clip=(0.0, 1.0)), C=torch.eye(net.output_size)[:2],
                            attack_steps=20)
     bounds = table[table["status"] != "attack"]  # the attack's rows are the reference
