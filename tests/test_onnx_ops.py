@@ -10,6 +10,7 @@ import torch
 from onnx import helper
 
 import polytope_lab as pl
+from polytope_lab import models
 from polytope_lab.onnx import load_onnx
 
 from conftest import assert_within, real_path, sample_region
@@ -108,3 +109,19 @@ def test_every_backend_agrees_on_converted_networks(name):
                            attack_steps=20)
     bounds = table[table["status"] != "attack"]  # the attack's rows are the reference
     assert len(bounds) >= 10 and (bounds["verdict"] == "ok").all(), bounds
+
+
+def test_exported_paper_convnet_gives_the_same_bounds_as_from_torch(tmp_path):
+    """torch model → ONNX → load_onnx bounds exactly like from_torch on the model itself."""
+    torch.manual_seed(0)
+    model = models.mnist_convnet().double().eval()
+    path = tmp_path / "convnet.onnx"
+    torch.onnx.export(model.float(), torch.zeros(1, 1, 28, 28), str(path), dynamo=False)
+    model.double()
+    net = load_onnx(path)
+    assert [type(a).__name__ for a in net.affines] == ["Conv2dOp", "Conv2dOp", "LinearOp", "LinearOp"]
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    region = pl.LinfBall(x, 0.05, clip=(0.0, 1.0))
+    ours, theirs = (pl.Bounder.create("dual").bound(m, region) for m in (net, model))
+    torch.testing.assert_close(ours.lower, theirs.lower, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.upper, theirs.upper, rtol=1e-6, atol=1e-6)
