@@ -31,7 +31,7 @@ from .convert import Builder, Expression, register_layer
 from .network import Affine, ComposedOp, Conv2dOp, IdentityOp, LinearOp, Network, numel
 from .onnx_ops import ElementwiseOp, IndexOp, ScatterOp, simplify
 from .onnx_constants import (CONSTANT_OPS, REARRANGE_OPS, SUPPORTED_OPS, as_constant, attributes, conv_pads,
-                             evaluate_constant, unsupported)
+                             evaluate_constant, pad_widths, unsupported)
 
 
 def _as_model(path_or_model) -> onnx.ModelProto:
@@ -270,9 +270,9 @@ def _conv(it, node, ins, attrs):
     if w.ndim != 4 or w.shape[1] != shape[0]:
         raise unsupported(node, f"weight of shape {w.shape} on input {x.shape}")
     strides, dilations = tuple(attrs.get("strides", (1, 1))), tuple(attrs.get("dilations", (1, 1)))
-    pads = conv_pads(node, attrs, shape[1:], w.shape[2:], strides, dilations)
+    x, pads = _padded(it, x, *conv_pads(node, attrs, shape[1:], w.shape[2:], strides, dilations))
     bias = None if len(ins) < 3 or ins[2] is None else it.tensor(_constant_operand(node, ins[2], "the bias"))
-    op = Conv2dOp(it.tensor(w), bias, shape, strides, pads, dilations)
+    op = Conv2dOp(it.tensor(w), bias, x.shape[1:], strides, pads, dilations)
     return it.affine(x, op, (1,) + op.out_shape)
 
 
@@ -282,18 +282,42 @@ def _average_pool(it, node, ins, attrs):
     c, h, w = _image(it, node, x)
     kernel = (h, w) if node.op_type == "GlobalAveragePool" else tuple(attrs["kernel_shape"])
     strides, dilations = tuple(attrs.get("strides", (1, 1))), tuple(attrs.get("dilations", (1, 1)))
-    pads = conv_pads(node, attrs, (h, w), kernel, strides, dilations)
+    begin, end = conv_pads(node, attrs, (h, w), kernel, strides, dilations)
+    x, pads = _padded(it, x, begin, end)
     ones = torch.ones(1, 1, *kernel, dtype=it.dtype)
     weight = torch.eye(c, dtype=it.dtype).reshape(c, c, 1, 1) * ones
-    conv = Conv2dOp(weight, None, (c, h, w), strides, pads, dilations)
-    counts = torch.nn.functional.conv2d(torch.ones(1, 1, h, w, dtype=it.dtype), ones, None, strides, pads,
-                                        dilations)[0]
-    if not attrs.get("count_include_pad", 0) or not any(pads):
+    conv = Conv2dOp(weight, None, x.shape[1:], strides, pads, dilations)
+    mask = torch.ones(1, 1, h, w, dtype=it.dtype)  # the entries that are not padding
+    if pads == (0, 0):
+        mask = torch.nn.functional.pad(mask, (begin[1], end[1], begin[0], end[0]))
+    counts = torch.nn.functional.conv2d(mask, ones, None, strides, pads, dilations)[0]
+    if not attrs.get("count_include_pad", 0) or not any(begin + end):
         divisor = counts.expand(conv.out_shape)
     else:
         divisor = torch.full(conv.out_shape, float(numel(kernel)), dtype=it.dtype)
     y = it.affine(x, conv, (1,) + conv.out_shape)
     return it.elementwise(y, (1.0 / divisor).numpy()[None], 0.0)
+
+
+def _pad_with(it, x: Expression, width, value: float) -> Expression:
+    """``x`` padded by ``width`` [(begin, end)] per axis with ``value`` (a scatter, plus a shift)."""
+    padded = np.pad(np.arange(numel(x.shape)).reshape(x.shape), width, constant_values=-1)
+    dst = np.flatnonzero(padded.reshape(-1) >= 0)  # C order is kept, so entry k lands at dst[k]
+    y = it.affine(x, ScatterOp(dst, example(x.shape), example(padded.shape), it.ref), padded.shape)
+    return it.elementwise(y, 1.0, np.where(padded < 0, value, 0.0)) if value else y
+
+
+def _padded(it, x: Expression, begin, end):
+    """(x, symmetric padding for the convolution): asymmetric padding of (1, C, H, W) is made explicit."""
+    if tuple(begin) == tuple(end):
+        return x, tuple(begin)
+    return _pad_with(it, x, [(0, 0), (0, 0)] + list(zip(begin, end)), 0.0), (0, 0)
+
+
+def _pad(it, node, ins, attrs):
+    if any(isinstance(v, Expression) for v in ins[1:]):
+        raise unsupported(node, "its pads and value must be constants")
+    return _pad_with(it, ins[0], *pad_widths(node, ins, attrs, len(ins[0].shape)))
 
 
 def _batch_norm(it, node, ins, attrs):
@@ -315,7 +339,7 @@ def _relu(it, node, ins, attrs):
 
 
 #: op type -> handler(interpreter, node, inputs, attributes) -> Expression, for nodes reading input-dependent values
-_SYMBOLIC = {"Relu": _relu, "Concat": _concat, "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv,
+_SYMBOLIC = {"Relu": _relu, "Concat": _concat, "Pad": _pad, "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv,
              "BatchNormalization": _batch_norm, "AveragePool": _average_pool, "GlobalAveragePool": _average_pool,
              **{op: _arithmetic for op in ("Add", "Sub", "Mul", "Div", "Neg")},
              **{op: _rearrange for op in REARRANGE_OPS}}

@@ -15,7 +15,8 @@ from onnx import numpy_helper
 
 SUPPORTED_OPS = ("Add", "AveragePool", "BatchNormalization", "Concat", "Constant", "Conv (2-d, group=1)", "Div",
                  "Dropout (inference)", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul",
-                 "Mul", "Neg", "Relu", "Reshape", "Shape", "Slice", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+                 "Mul", "Neg", "Pad (constant mode)", "Relu", "Reshape", "Shape", "Slice", "Squeeze", "Sub", "Transpose",
+                 "Unsqueeze",
                  "and on constants only: Cast, ConstantOfShape, Range")
 REARRANGE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Gather", "Dropout")
 
@@ -134,6 +135,28 @@ def _cast(node, ins, attrs):
     return ins[0].astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
 
 
+def pad_widths(node, ins, attrs, ndim: int):
+    """([(begin, end)] per axis, value) of a constant-mode Pad (pads and value as inputs since opset 11, as
+    attributes before; ``axes`` since opset 18)."""
+    mode = attrs.get("mode", "constant")
+    if mode != "constant":
+        raise unsupported(node, f"mode={mode!r} (only 'constant')")
+    pads = _ints(ins[1]) if len(ins) > 1 and ins[1] is not None else _ints(attrs["pads"])
+    value = ins[2] if len(ins) > 2 and ins[2] is not None else attrs.get("value", 0.0)
+    axes = [a % ndim for a in _ints(ins[3])] if len(ins) > 3 and ins[3] is not None else list(range(ndim))
+    if len(pads) != 2 * len(axes) or min(pads, default=0) < 0:
+        raise unsupported(node, f"pads {pads} for axes {axes} (negative pads, i.e. cropping, are not supported)")
+    width = [(0, 0)] * ndim
+    for i, axis in enumerate(axes):
+        width[axis] = (pads[i], pads[i + len(axes)])
+    return width, float(np.asarray(value).reshape(-1)[0]) if np.size(value) else 0.0
+
+
+def _pad(node, ins, attrs):
+    width, value = pad_widths(node, ins, attrs, np.ndim(ins[0]))
+    return np.pad(ins[0], width, constant_values=value)
+
+
 CONSTANT_OPS = {
     "Constant": _constant_node,
     "Identity": lambda node, ins, attrs: ins[0],
@@ -156,6 +179,7 @@ CONSTANT_OPS = {
     "Div": _divide,
     "Neg": lambda node, ins, attrs: -ins[0],
     "Relu": lambda node, ins, attrs: np.maximum(ins[0], 0),
+    "Pad": _pad,
 }
 
 
@@ -175,8 +199,8 @@ def evaluate_constant(node, ins) -> list:
 
 
 def conv_pads(node, attrs, spatial, kernel, strides, dilations) -> tuple:
-    """Symmetric (pad_h, pad_w) of a Conv/AveragePool from ``pads`` or ``auto_pad``; asymmetric padding and
-    a ``ceil_mode`` that changes the output size are errors."""
+    """(begin, end) padding of the spatial axes of a Conv/AveragePool from ``pads`` or ``auto_pad``; a
+    ``ceil_mode`` that changes the output size is an error."""
     auto = attrs.get("auto_pad", "NOTSET")
     n = len(spatial)
     if auto in ("NOTSET", "VALID"):
@@ -189,17 +213,15 @@ def conv_pads(node, attrs, spatial, kernel, strides, dilations) -> tuple:
         end = [t - b for t, b in zip(total, begin)]
     else:
         raise unsupported(node, f"auto_pad={auto!r}")
-    if begin != end:
-        raise unsupported(node, f"asymmetric padding (begin {begin}, end {end})")
     if "kernel_shape" in attrs and tuple(_ints(attrs["kernel_shape"])) != tuple(kernel):
         raise unsupported(node, f"kernel_shape {attrs['kernel_shape']} differs from the weight's {tuple(kernel)}")
     if attrs.get("ceil_mode", 0):
-        for x, k, s, d, p in zip(spatial, kernel, strides, dilations, begin):
-            span = x + 2 * p - d * (k - 1) - 1
+        for x, k, s, d, b, e in zip(spatial, kernel, strides, dilations, begin, end):
+            span = x + b + e - d * (k - 1) - 1
             if span % s:
                 raise unsupported(node, "ceil_mode=1 where it changes the output size")
-    return tuple(begin)
+    return tuple(begin), tuple(end)
 
 
 __all__ = ["SUPPORTED_OPS", "REARRANGE_OPS", "CONSTANT_OPS", "describe", "unsupported", "as_constant",
-           "attributes", "evaluate_constant", "conv_pads"]
+           "attributes", "evaluate_constant", "conv_pads", "pad_widths"]

@@ -135,18 +135,20 @@ def test_normalisation_folds_into_the_next_dense_layer(tmp_path):
     assert len(net.affines) == 1 and isinstance(net.affines[0], LinearOp)
 
 
-@pytest.mark.parametrize("auto_pad,strides", [(None, 2), ("SAME_UPPER", 1), ("SAME_LOWER", 1), ("VALID", 2)])
+@pytest.mark.parametrize("auto_pad,strides", [(None, 2), ("SAME_UPPER", 1), ("SAME_LOWER", 1), ("VALID", 2),
+                                              ("SAME_UPPER", 2), ("SAME_LOWER", 2), ("asymmetric", 1)])
 def test_conv_strides_pads_dilations(tmp_path, auto_pad, strides):
     r = rng()
-    pad = {"auto_pad": auto_pad} if auto_pad else {"pads": [1, 1, 1, 1]}
+    pad = {None: {"pads": [1, 1, 1, 1]}, "asymmetric": {"pads": [0, 1, 2, 1]}}.get(auto_pad, {"auto_pad": auto_pad})
     nodes = [helper.make_node("Conv", ["x", "K1", "c1"], ["a"], strides=[strides] * 2, kernel_shape=[3, 3], **pad),
              helper.make_node("Relu", ["a"], ["z"]),
              helper.make_node("Conv", ["z", "K2"], ["b"], dilations=[2, 2]),
              helper.make_node("Relu", ["b"], ["z2"]),
              helper.make_node("Flatten", ["z2"], ["y"])]
     inits = {"K1": weights(r, 3, 2, 3, 3), "c1": weights(r, 3), "K2": weights(r, 4, 3, 3, 3)}
-    net = _check(onnx_model(nodes, [1, 2, 11, 11], inits), tmp_path)
-    assert isinstance(net.affines[0], Conv2dOp)
+    net = _check(onnx_model(nodes, [1, 2, 12, 12], inits), tmp_path)
+    assert isinstance(net.affines[0], Conv2dOp) == (auto_pad != "asymmetric" and (strides == 1 or "SAME" not in
+                                                                                    str(auto_pad)))
 
 
 @pytest.mark.parametrize("pad", [0, 1])
@@ -186,19 +188,36 @@ def test_batch_normalization_after_conv_and_dense_layers(tmp_path):
     assert isinstance(net.affines[0], Conv2dOp) and isinstance(net.affines[1], LinearOp)  # folded
 
 
-@pytest.mark.parametrize("pool", ["plain", "padded", "padded-include", "global"])
+@pytest.mark.parametrize("pool", ["plain", "padded", "padded-include", "global", "asymmetric",
+                                  "asymmetric-include"])
 def test_average_pool(tmp_path, pool):
     r = rng()
     attrs = {"plain": dict(kernel_shape=[2, 2], strides=[2, 2]),
              "padded": dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
              "padded-include": dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2], count_include_pad=1),
-             "global": {}}[pool]
+             "global": {}, "asymmetric": dict(kernel_shape=[2, 2], pads=[0, 1, 1, 0]),
+             "asymmetric-include": dict(kernel_shape=[2, 2], pads=[1, 0, 0, 1], count_include_pad=1)}[pool]
     op = "GlobalAveragePool" if pool == "global" else "AveragePool"
-    out = {"plain": 2 * 2, "padded": 4 * 4, "padded-include": 2 * 2, "global": 1}[pool]
+    out = {"plain": 2 * 2, "padded": 4 * 4, "padded-include": 2 * 2, "global": 1, "asymmetric": 4 * 4,
+           "asymmetric-include": 4 * 4}[pool]
     nodes = [helper.make_node("Conv", ["x", "K"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["z"]),
              helper.make_node(op, ["z"], ["p"], **attrs), helper.make_node("Flatten", ["p"], ["f"]),
              helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
     _check(onnx_model(nodes, [1, 2, 4, 4], {"K": weights(r, 3, 2, 3, 3), "W": weights(r, 2, 3 * out)}), tmp_path)
+
+
+@pytest.mark.parametrize("opset", [10, 13])
+def test_pad_with_a_value(tmp_path, opset):
+    r = rng()
+    widths = [0, 0, 1, 0, 0, 0, 0, 2]  # begins, then ends, per axis (N, C, H, W)
+    pad = (helper.make_node("Pad", ["x"], ["p"], pads=widths, value=0.5) if opset < 11 else
+           helper.make_node("Pad", ["x", "pads", "value"], ["p"]))
+    nodes = [pad, helper.make_node("Conv", ["p", "K"], ["a"]), helper.make_node("Relu", ["a"], ["z"]),
+             helper.make_node("Flatten", ["z"], ["y"])]
+    inits = {"K": weights(r, 2, 1, 3, 3)}
+    if opset >= 11:
+        inits.update(pads=np.array(widths, np.int64), value=np.array(0.5, np.float32))
+    _check(onnx_model(nodes, [1, 1, 4, 4], inits, opset=opset), tmp_path)
 
 
 def test_nhwc_input_through_transpose_and_reshape(tmp_path):
@@ -376,9 +395,9 @@ def test_unsupported_uses_of_supported_ops(tmp_path):
     grouped = [helper.make_node("Conv", ["x", "K"], ["y"], group=2)]
     with pytest.raises(ValueError, match="group=2"):
         load_onnx(onnx_model(grouped, [1, 2, 4, 4], {"K": weights(r, 2, 1, 3, 3)}))
-    asym = [helper.make_node("Conv", ["x", "K"], ["y"], pads=[0, 0, 1, 1])]
-    with pytest.raises(ValueError, match="asymmetric padding"):
-        load_onnx(onnx_model(asym, [1, 1, 4, 4], {"K": weights(r, 1, 1, 3, 3)}))
+    reflect = [helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect")]
+    with pytest.raises(ValueError, match="mode='reflect'"):
+        load_onnx(onnx_model(reflect, [1, 1, 4, 4], {"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}))
     custom = [helper.make_node("Relu", ["x"], ["y"], domain="com.example")]
     with pytest.raises(ValueError, match="domain 'com.example'"):
         load_onnx(onnx_model(custom, [1, 3]))
