@@ -15,9 +15,8 @@ from onnx import numpy_helper
 
 SUPPORTED_OPS = ("Add", "AveragePool", "BatchNormalization", "Concat", "Constant", "Conv (2-d, group=1)", "Div",
                  "Dropout (inference)", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul",
-                 "Mul", "Neg", "Pad (constant mode)", "Relu", "Reshape", "Shape", "Slice", "Squeeze", "Sub", "Transpose",
-                 "Unsqueeze",
-                 "and on constants only: Cast, ConstantOfShape, Range")
+                 "Mul", "Neg", "Pad (constant mode)", "Relu", "Reshape", "Shape", "Slice", "Squeeze", "Sub",
+                 "Transpose", "Unsqueeze", "and on constants only: Cast, ConstantOfShape, Range")
 REARRANGE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Gather", "Dropout")
 
 

@@ -227,7 +227,8 @@ def test_nhwc_input_through_transpose_and_reshape(tmp_path):
              helper.make_node("Transpose", ["z"], ["u"], perm=[0, 2, 3, 1]),
              helper.make_node("Reshape", ["u", "shape"], ["f"]),
              helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
-    inits = {"K": weights(r, 3, 2, 3, 3), "c": weights(r, 3), "shape": np.array([1, -1], np.int64), "W": weights(r, 2, 12)}
+    inits = {"K": weights(r, 3, 2, 3, 3), "c": weights(r, 3), "shape": np.array([1, -1], np.int64),
+             "W": weights(r, 2, 12)}
     net = _check(onnx_model(nodes, [1, 4, 4, 2], inits), tmp_path)
     assert net.input_shape == (4, 4, 2)
 
@@ -274,7 +275,8 @@ def test_residual_adds_become_skip_connections(tmp_path):
              helper.make_node("Gemm", ["r", "W2", "b2"], ["c"], transB=1), helper.make_node("Relu", ["c"], ["h2"]),
              helper.make_node("Sub", ["h2", "h"], ["r2"]),
              helper.make_node("Gemm", ["r2", "W3"], ["y"], transB=1)]
-    inits = {"W1": weights(r, 4, 4), "b1": weights(r, 4), "W2": weights(r, 4, 4), "b2": weights(r, 4), "W3": weights(r, 3, 4)}
+    inits = {"W1": weights(r, 4, 4), "b1": weights(r, 4), "W2": weights(r, 4, 4), "b2": weights(r, 4),
+             "W3": weights(r, 3, 4)}
     net = _check(onnx_model(nodes, [1, 4], inits), tmp_path)
     assert net.has_skips
 
@@ -284,7 +286,8 @@ def test_parallel_branches_meet_again(tmp_path):
     nodes = [helper.make_node("Gemm", ["x", "W1"], ["a"], transB=1), helper.make_node("Relu", ["a"], ["h1"]),
              helper.make_node("Gemm", ["x", "W2"], ["b"], transB=1), helper.make_node("Relu", ["b"], ["h2"]),
              helper.make_node("Add", ["h1", "h2"], ["s"]), helper.make_node("Gemm", ["s", "W3"], ["y"], transB=1)]
-    net = _check(onnx_model(nodes, [1, 4], {"W1": weights(r, 5, 4), "W2": weights(r, 5, 4), "W3": weights(r, 2, 5)}), tmp_path)
+    inits = {"W1": weights(r, 5, 4), "W2": weights(r, 5, 4), "W3": weights(r, 2, 5)}
+    net = _check(onnx_model(nodes, [1, 4], inits), tmp_path)
     assert net.has_skips
 
 
@@ -295,7 +298,8 @@ def concat_model():
              helper.make_node("Concat", ["h1", "c", "b", "x"], ["cat"], axis=1),  # relu out, constant, pre-act, input
              helper.make_node("Relu", ["cat"], ["z"]), helper.make_node("Conv", ["z", "K3"], ["y0"]),
              helper.make_node("Flatten", ["y0"], ["f"]), helper.make_node("Concat", ["f", "f"], ["y"], axis=0)]
-    inits = {"K1": weights(r, 2, 1, 3, 3), "K2": weights(r, 1, 1, 3, 3), "c": weights(r, 1, 1, 4, 4), "K3": weights(r, 2, 5, 3, 3)}
+    inits = {"K1": weights(r, 2, 1, 3, 3), "K2": weights(r, 1, 1, 3, 3), "c": weights(r, 1, 1, 4, 4),
+             "K3": weights(r, 2, 5, 3, 3)}
     return onnx_model(nodes, [1, 1, 4, 4], inits)
 
 
@@ -318,7 +322,8 @@ def test_vectors_dropout_and_broadcasting_constants(tmp_path):
              helper.make_node("Dropout", ["h"], ["d"]), helper.make_node("Relu", ["d"], ["z"]),
              helper.make_node("MatMul", ["z", "W2"], ["u"]),  # (1, 1, 4) @ (4, 3)
              helper.make_node("Reshape", ["u", "flat"], ["w"]), helper.make_node("MatMul", ["W3", "w"], ["y"])]
-    inits = {"flat": np.array([-1], np.int64), "W1": weights(r, 6, 4), "b1": weights(r, 1, 1, 4), "W2": weights(r, 4, 3),
+    inits = {"flat": np.array([-1], np.int64), "W1": weights(r, 6, 4), "b1": weights(r, 1, 1, 4),
+             "W2": weights(r, 4, 3),
              "W3": weights(r, 2, 3)}
     _check(onnx_model(nodes, [1, 2, 3], inits), tmp_path)
 

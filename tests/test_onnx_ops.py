@@ -39,7 +39,8 @@ def _nhwc_net_with_trailing_relu():
              helper.make_node("Transpose", ["p"], ["u"], perm=[0, 2, 3, 1]),
              helper.make_node("Reshape", ["u", "shape"], ["f"]), helper.make_node("Gemm", ["f", "W"], ["g"], transB=1),
              helper.make_node("Relu", ["g"], ["y"])]
-    inits = {"K": weights(r, 2, 2, 3, 3), "c": weights(r, 2), "shape": np.array([1, -1], np.int64), "W": weights(r, 3, 8)}
+    inits = {"K": weights(r, 2, 2, 3, 3), "c": weights(r, 2), "shape": np.array([1, -1], np.int64),
+             "W": weights(r, 3, 8)}
     return onnx_model(nodes, [1, 4, 4, 2], inits)
 
 
