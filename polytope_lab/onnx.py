@@ -118,7 +118,7 @@ class _Interpreter:
                 ins = [np.zeros(v.shape) if isinstance(v, Expression) else v for v in ins]
                 outs = evaluate_constant(node, ins)
             else:
-                raise unsupported(node)
+                raise unsupported(node, "on an input-dependent value" if node.op_type in CONSTANT_OPS else "")
             self.values.update(zip(node.output, outs))
         out = self.values.get(out_name)
         if not isinstance(out, Expression):

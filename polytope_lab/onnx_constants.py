@@ -177,6 +177,7 @@ CONSTANT_OPS = {
     "Mul": lambda node, ins, attrs: ins[0] * ins[1],
     "Div": _divide,
     "Neg": lambda node, ins, attrs: -ins[0],
+    "MatMul": lambda node, ins, attrs: np.matmul(ins[0], ins[1]),
     "Relu": lambda node, ins, attrs: np.maximum(ins[0], 0),
     "Pad": _pad,
 }

@@ -403,6 +403,9 @@ def test_unsupported_uses_of_supported_ops(tmp_path):
     reflect = [helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect")]
     with pytest.raises(ValueError, match="mode='reflect'"):
         load_onnx(onnx_model(reflect, [1, 1, 4, 4], {"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}))
+    cast = [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE)]
+    with pytest.raises(ValueError, match=r"\(op type Cast\): on an input-dependent value"):
+        load_onnx(onnx_model(cast, [1, 3]))
     custom = [helper.make_node("Relu", ["x"], ["y"], domain="com.example")]
     with pytest.raises(ValueError, match="domain 'com.example'"):
         load_onnx(onnx_model(custom, [1, 3]))
