@@ -333,15 +333,19 @@ class _ResidualConv(nn.Module):
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 1, 3, padding=1)
         self.bn = nn.BatchNorm2d(2)
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=True)
         self.fc = nn.Linear(16, 3)
 
     def forward(self, x):
         h = torch.relu(self.bn(self.c1((x - 0.1) / 0.3)))
         h = torch.relu(self.c2(h) + x)
-        return self.fc(h.reshape(h.shape[0], -1))
+        return self.fc(self.pool(h).reshape(h.shape[0], -1))
 
 
-def test_torch_exported_residual_convnet_with_dynamic_batch(tmp_path):
+@pytest.mark.parametrize("opset,fold", [(9, False), (17, False), (17, True)])
+def test_torch_exported_residual_convnet_with_dynamic_batch(tmp_path, opset, fold):
+    """Unfolded exports keep BatchNormalization, the Sub/Div normalisation and the Shape/Gather/Concat
+    subgraph of the reshape; opset 9 also writes AveragePool's padding as a Pad."""
     torch.manual_seed(0)
     model = _ResidualConv().eval()
     with torch.no_grad():
@@ -349,8 +353,11 @@ def test_torch_exported_residual_convnet_with_dynamic_batch(tmp_path):
         model.bn.running_var.uniform_(0.5, 2)
     path = tmp_path / "res.onnx"
     torch.onnx.export(model, torch.zeros(1, 1, 4, 4), str(path), dynamo=False, input_names=["x"],
-                      dynamic_axes={"x": {0: "batch"}})
-    _check(onnx.load(str(path)), tmp_path)
+                      dynamic_axes={"x": {0: "batch"}}, opset_version=opset, do_constant_folding=fold)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert fold or {"BatchNormalization", "Sub", "Div", "Shape", "Gather", "Concat"} <= ops
+    assert ("Pad" in ops) == (opset == 9)
+    assert _check(onnx.load(str(path)), tmp_path).has_skips
 
 
 # --------------------------------------------------------------------------------------------------
