@@ -259,3 +259,26 @@ def test_the_exact_backend_comes_from_the_registry(monkeypatch):
     assert exact_backend() == "bab"
     r = verify_property(tiny_net(), prop(([[1.0, 0]], [-1e9 + 1.0])), 5, stages=("exact",), threads=1)
     assert r.verdict == "unsat" and r.stage == "bab"
+
+
+def test_find_point_decides_conjunctions_and_boundary_cases():
+    net = tiny_net()
+    box = pl.Box(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64))
+    m = pl.Bounder.create("milp", threads=1).bound(net, box)
+    lower, upper = m.lower[0].numpy(), m.upper[0].numpy()
+    milp = MILPBounder(threads=1)
+    c = (lower[0] + upper[0]) / 2
+    out = milp.find_point(net, box, [[1.0, 0], [-1.0, 0]], [c, -(c + 1e-3)])
+    assert out.status == "refuted" and out.bound > 1e-6
+    out = milp.find_point(net, box, [[1.0, 0], [-1.0, 0]], [c + 1e-3, -c])
+    with torch.no_grad():
+        y0 = float(net(torch.from_numpy(out.point)[None])[0, 0])
+    assert out.status == "found" and c <= y0 <= c + 1e-3
+    edge = float(m.min_value[0, 0])   # attained exactly at the MILP's minimiser: the boundary is unsafe
+    for b in (edge, np.nextafter(edge, np.inf)):
+        out = milp.find_point(net, box, [[1.0, 0]], [b])
+        assert out.status in ("found", "unknown"), out
+        r = verify_property(net, prop(([[1.0, 0]], [b])), 10, stages=("exact",), threads=1)
+        assert r.verdict in ("sat", "unknown")
+    with pytest.raises(ValueError):
+        milp.find_point(net, box, np.zeros((0, 2)), np.zeros(0))
