@@ -1,13 +1,15 @@
-"""The verification pipeline for a VNN-LIB property: attack → dual → optimised dual → exact, cheapest first.
+"""The verification pipeline for a VNN-LIB property: dual → attack → optimised dual → exact, cheapest first.
 
 :func:`verify_property` decides a :class:`~polytope_lab.vnnlib.Property` (cases of an input box and
 disjuncts ``A f(x) ≤ b``, the **unsafe** condition) on a network within a time limit:
 
-1. ``"attack"``: the box centre, then signed-gradient PGD from random starts minimising
-   ``max_k (A_k f(x) − b_k)`` per disjunct; a point where it is ≤ 0 is a candidate counterexample;
-2. ``"dual"``: interval ∩ dual bounds of every row over the box: a disjunct is refuted when one row's
-   ``lower(A_k f) − b_k > 0`` (:func:`polytope_lab.properties.refuted`);
-3. ``"dual-optimized"``: the same with optimised α, for the disjuncts still open;
+1. ``"dual"``: interval ∩ dual bounds of every row over the box: a disjunct is refuted when one row's
+   ``lower(A_k f) − b_k > 0`` (:func:`polytope_lab.properties.refuted`). It runs before the attack
+   because it is cheaper (mnistfc 256x2: 0.03 s for a case's 9 rows, PGD a few seconds) and leaves the
+   attack only the disjuncts it cannot refute;
+2. ``"attack"``: the box centre, then signed-gradient PGD from random starts minimising
+   ``max_k (A_k f(x) − b_k)`` per open disjunct; a point where it is ≤ 0 is a candidate counterexample;
+3. ``"dual-optimized"``: the dual with optimised α, for the disjuncts still open;
 4. ``"exact"``: the exact backend from the registry ("bab" where it offers ``find_point``, else the
    MILP, :meth:`MILPBounder.find_point`) decides each open disjunct's rows *jointly*, with the time left
    shared among them.
@@ -36,7 +38,7 @@ from .solvers import Budget
 from .vnnlib import Case
 
 #: the stages, cheapest first ("exact": the backend of EXACT_BACKENDS that is registered)
-STAGES = ("attack", "dual", "dual-optimized", "exact")
+STAGES = ("dual", "attack", "dual-optimized", "exact")
 #: exact backends in order of preference; one must be registered and offer ``find_point``
 EXACT_BACKENDS = ("bab", "milp")
 #: PropertyResult.verdict values (VNN-COMP's result words)
@@ -171,6 +173,8 @@ class _Run:
 def _attack(run: _Run):
     """The centre of each box, then PGD on every open disjunct with rows."""
     for ci, case in enumerate(run.cases):
+        if not run.open(ci):
+            continue
         if run.budget.expired or run.check(ci, run.regions[ci].center, "attack"):
             return
         ds = [d for d in run.open(ci) if len(case.disjuncts[d].b)]
