@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
+from conftest import n_examples
 from polytope_lab import pipeline
 from polytope_lab.milp import MILPBounder, PointSearch
 from polytope_lab.pipeline import check_counterexample, exact_backend, verify_property
@@ -157,7 +158,7 @@ def random_property(rng, ys):
     return out
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(n_examples(8)))   # POLYTOPE_LAB_TEST_SCALE=20: 160 nets
 def test_verdicts_agree_with_dense_grid_sampling(seed):
     rng = np.random.default_rng(seed)
     net = tiny_net(seed=100 + seed, width=6)
