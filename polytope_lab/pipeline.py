@@ -8,7 +8,8 @@ disjuncts ``A f(x) ≤ b``, the **unsafe** condition) on a network within a time
    because it is cheaper (mnistfc 256x2: 0.03 s for a case's 9 rows, PGD a few seconds) and leaves the
    attack only the disjuncts it cannot refute;
 2. ``"attack"``: the box centre, then signed-gradient PGD from random starts minimising
-   ``max_k (A_k f(x) − b_k)`` per open disjunct; a point where it is ≤ 0 is a candidate counterexample;
+   ``max_k (A_k f(x) − b_k)`` per open disjunct (at most ``ATTACK_SHARE`` of the time left); a point
+   where it is ≤ 0 is a candidate counterexample;
 3. ``"dual-optimized"``: the dual with optimised α, for the disjuncts still open;
 4. ``"exact"``: the exact backend from the registry ("bab" where it offers ``find_point``, else the
    MILP, :meth:`MILPBounder.find_point`) decides each open disjunct's rows *jointly*, with the time left
@@ -45,6 +46,9 @@ EXACT_BACKENDS = ("bab", "milp")
 VERDICTS = ("unsat", "sat", "timeout", "unknown", "error")
 #: a counterexample may leave its box by this much before it is rejected (then it is clamped into it)
 BOX_TOL = 1e-6
+#: the attack may spend at most this share of the time left when it starts (the bounds and the exact
+#: backend get the rest)
+ATTACK_SHARE = 0.25
 #: a bound refutes a row only with ``lower − b > REFUTE_TOL``: float64 rounding in the bound itself (about
 #: 1e-12 on mnistfc-sized nets) never decides
 REFUTE_TOL = 1e-9
@@ -184,19 +188,20 @@ class _Run:
 
 def _attack(run: _Run):
     """The centre of each box, then PGD on every open disjunct with rows."""
+    stop = Budget(run.budget.remaining() * ATTACK_SHARE)
     for ci, case in enumerate(run.cases):
         if not run.open(ci):
             continue
-        if run.budget.expired or run.check(ci, run.regions[ci].center, "attack"):
+        if stop.expired or run.check(ci, run.regions[ci].center, "attack"):
             return
         ds = [d for d in run.open(ci) if len(case.disjuncts[d].b)]
-        if ds and _pgd(run, ci, ds):
+        if ds and _pgd(run, ci, ds, stop):
             return
 
 
-def _pgd(run: _Run, ci: int, ds: list) -> bool:
+def _pgd(run: _Run, ci: int, ds: list, stop: Budget) -> bool:
     """Sign-gradient descent on ``max_k (A_k f − b_k)`` of disjuncts ``ds`` from ``restarts`` starts each
-    (the first at the centre), steps shrinking linearly; True once a point checks out."""
+    (the first at the centre), steps shrinking linearly, until ``stop``; True once a point checks out."""
     case, region, (steps, R) = run.cases[ci], run.regions[ci], run.opt["attack"]
     K, n_out = max(len(case.disjuncts[d].b) for d in ds), run.net.output_size
     C = torch.zeros(len(ds), K, n_out, dtype=torch.float64)
@@ -218,7 +223,7 @@ def _pgd(run: _Run, ci: int, ds: list) -> bool:
         for p in torch.argsort(g.detach())[:8].tolist():   # the most promising points only
             if g[p] <= 0 and run.check(ci, x[p], "attack"):
                 return True
-        if step == steps or run.budget.expired:
+        if step == steps or stop.expired:
             return False
         eta = radius * (4.0 / steps) * (1.0 - step / (steps + 1))
         x = torch.minimum(torch.maximum(x.detach() - eta * grad.sign(), lo), hi)

@@ -287,3 +287,19 @@ def test_find_point_decides_conjunctions_and_boundary_cases():
         assert r.verdict in ("sat", "unknown")
     with pytest.raises(ValueError):
         milp.find_point(net, box, np.zeros((0, 2)), np.zeros(0))
+
+
+def test_the_time_limit_holds_on_a_net_the_milp_cannot_finish():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(10, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
+                        nn.Linear(48, 1)).double()
+    lo, hi = -np.ones(10), np.ones(10)
+    box = pl.Box(torch.tensor(lo)[None], torch.tensor(hi)[None])
+    dual_lo = float(pl.Bounder.create("dual").bound(net, box).lower[0, 0])
+    attacked = float(pl.pgd_minimize(net, box, torch.eye(1, dtype=torch.float64), steps=50, restarts=5)[0][0, 0])
+    p = Property([Case(lo, hi, [Disjunct(np.array([[1.0]]), np.array([(dual_lo + attacked) / 2]))])], 10, 1)
+    r = verify_property(net, p, 1.5, threads=1)
+    assert r.seconds < 1.5 + 0.5, r
+    assert r.verdict in ("sat", "unsat", "timeout"), r
+    if r.verdict == "sat":
+        assert_valid_counterexample(net, p, r)
