@@ -303,3 +303,24 @@ def test_the_time_limit_holds_on_a_net_the_milp_cannot_finish():
     assert r.verdict in ("sat", "unsat", "timeout"), r
     if r.verdict == "sat":
         assert_valid_counterexample(net, p, r)
+
+
+def test_float32_models_networks_and_shaped_inputs():
+    net = tiny_net()
+    x0 = torch.tensor([[0.3, 0.8]], dtype=torch.float64)
+    with torch.no_grad():
+        y0 = net(x0)[0].numpy()
+    p = prop(([[0, 1.0]], [y0[1] + 1e-3]))
+    shaped = nn.Sequential(nn.Flatten(), *tiny_net()).float()   # inputs (2, 1), as ONNX's [1, n, 1] after the batch
+    for model, shape in ((net.float(), None), (pl.from_torch(tiny_net(), (2,)), None), (shaped, (2, 1))):
+        r = verify_property(model, p, 10, input_shape=shape, threads=1)
+        assert r.verdict == "sat"
+        cx = r.counterexample
+        assert cx.x.shape == (2,) and cx.x.dtype == np.float64 and np.all(A_le_b(p, cx))
+    with pytest.raises(ValueError):
+        verify_property(shaped, p, 10, input_shape=(3, 1))
+
+
+def A_le_b(p, cx):
+    A, b = p[cx.case].disjuncts[cx.disjunct]
+    return A @ cx.y <= b
