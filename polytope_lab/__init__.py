@@ -22,5 +22,13 @@ __all__ = [
     "fgsm", "pgd", "pgd_minimize",
     "robust_loss", "train",
     "Network", "from_torch", "register_layer",
-    "read_vnnlib", "verify_property",
+    "load_onnx", "read_vnnlib", "verify_property",
 ]
+
+
+def __getattr__(name):
+    """``load_onnx`` on first use: importing the onnx package costs about half a second."""
+    if name == "load_onnx":
+        from .onnx import load_onnx
+        return load_onnx
+    raise AttributeError(f"module 'polytope_lab' has no attribute {name!r}")

@@ -153,6 +153,6 @@ def test_library_never_prints():
 
 def test_public_surface_is_small_and_registers_every_backend():
     import polytope_lab as pl
-    assert 15 <= len(pl.__all__) <= 24, pl.__all__   # 24: Box, read_vnnlib, load_onnx, verify_property (issue 15)
+    assert 15 <= len(pl.__all__) <= 24, pl.__all__   # issue 12: about 20; issue 15 adds Box, load_onnx, read_vnnlib, verify_property
     assert all(hasattr(pl, name) for name in pl.__all__)
     assert {"interval", "dual", "lp", "milp"} <= set(pl.Bounder.available())
