@@ -324,3 +324,34 @@ def test_float32_models_networks_and_shaped_inputs():
 def A_le_b(p, cx):
     A, b = p[cx.case].disjuncts[cx.disjunct]
     return A @ cx.y <= b
+
+
+@pytest.fixture(scope="module")
+def mnistfc():
+    """(folder, Network) of the shared VNN-COMP 2021 mnistfc 256x2 net (skipped without the benchmarks)."""
+    from conftest import real_path
+    folder = real_path("POLYTOPE_LAB_BENCHMARKS", "vnncomp2021", "mnistfc", what="vnncomp2021/mnistfc/")
+    return folder, pl.load_onnx(folder / "mnist-net_256x2.onnx")
+
+
+def test_mnistfc_end_to_end(mnistfc):
+    """Real instances: a sat one (its counterexample checked by onnxruntime, as the competition does), one
+    the dual certifies, and a tiny time limit."""
+    ort = pytest.importorskip("onnxruntime")
+    folder, net = mnistfc
+    sess = ort.InferenceSession(str(folder / "mnist-net_256x2.onnx"))
+    p = pl.read_vnnlib(folder / "prop_12_0.05.vnnlib", 784, 10)
+    r = verify_property(net, p, 60, threads=1)
+    assert r.verdict == "sat", r.message
+    x = r.counterexample.x
+    assert np.all(x >= p[0].lo) and np.all(x <= p[0].hi)
+    y = sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32).reshape(1, 784, 1)})[0].reshape(-1)
+    assert np.abs(y - r.counterexample.y).max() < 1e-4
+    A, b = p[0].disjuncts[r.counterexample.disjunct]
+    assert np.all(A @ r.counterexample.y <= b)
+    p = pl.read_vnnlib(folder / "prop_2_0.03.vnnlib", 784, 10)
+    r = verify_property(net, p, 60, threads=1)
+    assert r.verdict == "unsat" and r.stage == "dual"
+    hard = pl.read_vnnlib(folder / "prop_0_0.05.vnnlib", 784, 10)
+    r = verify_property(net, hard, 0.5, threads=1)
+    assert r.verdict == "timeout" and r.seconds < 0.5 + 1.0
