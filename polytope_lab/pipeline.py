@@ -316,13 +316,13 @@ def _exact_one(run: _Run, backend, name: str, ci: int, d: int, seconds: float) -
     if out.status == "refuted":
         run.refute(ci, d, name, out.bound)
         return "refuted"
-    if out.status == "found":
-        if run.check(ci, out.point, name):
-            return "sat"
-        run.note(ci, d, "error: the exact backend's point does not check out on the network")
-        return "error"
+    if out.status == "found" and run.check(ci, out.point, name):
+        return "sat"
     if out.point is not None and _polish(run, ci, d, out.point, name):
         return "sat"
+    if out.status == "found":
+        run.note(ci, d, "error: the exact backend's point does not check out on the network")
+        return "error"
     run.note(ci, d, out.status, out.bound if math.isfinite(out.bound) and out.bound <= 0 else -math.inf)
     return out.status
 
