@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
+from polytope_lab import solvers
 from conftest import n_examples
 from polytope_lab import pipeline
 from polytope_lab.milp import MILPBounder, PointSearch
@@ -287,6 +288,23 @@ def test_find_point_decides_conjunctions_and_boundary_cases():
         assert r.verdict in ("sat", "unknown")
     with pytest.raises(ValueError):
         milp.find_point(net, box, np.zeros((0, 2)), np.zeros(0))
+
+
+def test_a_solver_bound_within_its_tolerance_never_refutes(monkeypatch):
+    """Refuting needs a proven bound clear of the solver's tolerance (> DECIDE = 1e-6): a solver that
+    reports an "optimal" bound of 0.5e-6 with no point, or any bound it does not vouch for, leaves the
+    disjunct open, never refuted."""
+    net = tiny_net()
+    box = pl.Box(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64))
+    m = pl.Bounder.create("milp", threads=1).bound(net, box)
+    b = [float(m.lower[0, 0]) + 1e-3]   # the dual cannot refute it: the solver must decide
+    for outcome in (solvers.Outcome("optimal", bound=0.5e-6), solvers.Outcome("inaccurate", bound=1.0),
+                    solvers.Outcome("stopped", bound=1e-7)):
+        monkeypatch.setattr(solvers.HighsAdapter, "solve", lambda self, *a, _o=outcome, **k: _o)
+        out = MILPBounder(threads=1).find_point(net, box, [[1.0, 0]], b)
+        assert out.status != "refuted", (outcome, out)
+    monkeypatch.setattr(solvers.HighsAdapter, "solve", lambda self, *a, **k: solvers.Outcome("optimal", bound=2e-6))
+    assert MILPBounder(threads=1).find_point(net, box, [[1.0, 0]], b).status == "refuted"
 
 
 def test_the_time_limit_holds_on_a_net_the_milp_cannot_finish():
