@@ -9,6 +9,7 @@ from .bounds import Bounder, Bounds, Certification, EstimatedBounds, margin_matr
 from .checks import cross_check
 from .convert import from_torch, register_layer
 from .network import Network
+from .pipeline import verify_property
 from .regions import Box, L2Ball, LinfBall, Region
 from .training import robust_loss, train
 from .verify import certified_radius, minimum_adversarial_distance
@@ -21,7 +22,7 @@ __all__ = [
     "fgsm", "pgd", "pgd_minimize",
     "robust_loss", "train",
     "Network", "from_torch", "register_layer",
-    "load_onnx", "read_vnnlib",
+    "load_onnx", "read_vnnlib", "verify_property",
 ]
 
 

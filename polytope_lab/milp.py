@@ -59,7 +59,7 @@ STATUS_ORDER = ("infeasible", "time_limit", "optimal")
 #: a certify row's unresolved verdict, most serious first
 VERDICT_ORDER = ("time_limit", "unknown")
 
-__all__ = ["MILPBounder", "MILPBounds", "available_solvers", "SOLVERS", "WITNESS_TOL"]
+__all__ = ["MILPBounder", "MILPBounds", "PointSearch", "available_solvers", "SOLVERS", "WITNESS_TOL"]
 
 
 def worst(statuses, order=STATUS_ORDER) -> str:
@@ -153,6 +153,21 @@ class ExactProblem:
                     l[j] = u[j] = 0.5 * (l[j] + u[j])
             for t, v in zip(self.layers[i], (l, u)):
                 t[b] = torch.from_numpy(v).reshape(t[b].shape)
+
+
+@dataclass
+class PointSearch:
+    """:meth:`MILPBounder.find_point`'s answer for the conjunction ``A f(x') ≤ b`` over a box.
+
+    ``status``: "refuted" (proven: no point of the box satisfies every row; ``bound`` > 0 is a proven lower
+    bound of ``min max_k (A_k f − b_k)``), "found" (``point``, flat float64, lies in the box and satisfies
+    every row on the float64 network: ``value = max_k (A_k f(point) − b_k) ≤ 0``), "time_limit",
+    "unknown" (the minimum is 0 within the solver's tolerance) or "error: …"."""
+
+    status: str
+    bound: float = -math.inf
+    point: np.ndarray | None = None
+    value: float = math.nan
 
 
 def witness(x: np.ndarray, lo: np.ndarray, hi: np.ndarray):
@@ -309,6 +324,53 @@ class MILPBounder(Bounder):
             return "time_limit", min(max(out.bound, fallback), attained), attained, point
         # infeasible, solver error, witness error: the intermediate bounder's sound bound
         return status, min(fallback, attained), attained, point
+
+    # ---------------------------------------------------------------- a conjunction, jointly
+
+    def find_point(self, model, region: Box, A, b, time_limit=None) -> PointSearch:
+        """Is there ``x'`` in ``region`` (one example) with ``A f(x') ≤ b`` in every row jointly? The MILP
+        minimises ``t ≥ A_k f − b_k`` (:meth:`Relaxation.add_row_maximum`), stopping as soon as the sign of
+        its minimum is decided, then to optimality; refuted only with a proven bound > ``DECIDE``. An incumbent counts only once the float64
+        network confirms it. ``time_limit``: seconds (None: the bounder's own); A (k ≥ 1, n_out), b (k,)."""
+        network, region = self.prepare(model, region)
+        if region.batch_size != 1:
+            raise ValueError(f"find_point takes a region of one example, got {region.batch_size}")
+        A = check_objective(A, network, region)
+        b64 = torch.as_tensor(np.asarray(b, dtype=np.float64)).reshape(-1)
+        if A.shape[1] == 0 or len(b64) != A.shape[1] or not torch.isfinite(b64).all():
+            raise ValueError(f"b must hold one finite value per row of A ({A.shape[1]} >= 1), got {tuple(b64.shape)}")
+        budget = Budget(self.time_limit if time_limit is None else time_limit)
+        prob = self.exact_problem(network, region, A)
+        rows, lower, upper = prob.C64[0], prob.lower[0] - b64, prob.upper[0] - b64
+        if float(lower.max()) > 0:   # one row already fails everywhere (the intermediate bounder's sound bound)
+            return PointSearch("refuted", float(lower.max()))
+        system = prob.system(0, budget)
+        t_lo, t_hi = widen(np.array([float(lower.max())]), np.array([float(upper.max())]))
+        t = system.add_row_maximum(rows.numpy(), b64.numpy(), t_lo[0], t_hi[0])
+        cost = np.zeros(system.n_vars)
+        cost[t] = 1.0
+        solver, (lo, hi) = self.adapter(system), prob.box(0)
+        for early in (True, False):
+            if budget.expired:
+                return PointSearch("time_limit")
+            stops = dict(stop_above=2 * DECIDE, stop_below=-DECIDE) if early else {}
+            out = solver.solve(cost, 0.0, time_limit=budget.remaining(), **stops)
+            if out.x is not None:
+                point, inside = witness(out.x, lo, hi)
+                if not inside:
+                    return PointSearch(WITNESS_ERROR)
+                value = float((self.value_at(prob, rows, point) - b64).max())
+                if value <= 0:
+                    return PointSearch("found", out.bound, point, value)
+            if out.bound > DECIDE and out.status in ("optimal", "stopped"):   # clear of the solver's tolerance
+                return PointSearch("refuted", out.bound)
+            if out.status == "time_limit":
+                return PointSearch("time_limit", out.bound)
+            if out.status == "infeasible":   # t is free above its lower bound: never empty
+                return PointSearch(error_status("the solver found the MILP infeasible (numerical trouble)"))
+            if out.status.startswith("error"):
+                return PointSearch(out.status)
+        return PointSearch("unknown", out.bound)
 
     # ---------------------------------------------------------------- robustness queries
 

@@ -14,7 +14,8 @@ layers (from another bounder), over variables ``v``:
 maps per layer say which variable holds which unit (``layer_vars[j]``: z_j, −1 where z = 0;
 ``zhat_vars[i]``, ``binary_vars[i]``). Objectives are affine in ``v``: :meth:`Relaxation.cost` gives
 ``cᵀẑ_{i+1}`` as (cost vector, constant). Optional blocks: the ε variable of eq. 6 (``center``/``eps_max``),
-a disjunction ``∃ r: C_r f ≤ 0`` (:meth:`Relaxation.add_disjunction`), and split rows ``s·ẑ_ij ≥ 0``
+a disjunction ``∃ r: C_r f ≤ 0`` (:meth:`Relaxation.add_disjunction`), the maximum of rows
+``t ≥ C_k f − d_k`` (:meth:`Relaxation.add_row_maximum`, a conjunction's joint test), and split rows ``s·ẑ_ij ≥ 0``
 (:meth:`Relaxation.add_split`, for branch and bound).
 
 The solvers that take this system are adapters in :mod:`polytope_lab.solvers` (HiGHS, CBC, CVXPY).
@@ -168,6 +169,18 @@ class Relaxation:
         self.add_rows(sp.csr_matrix((np.ones(len(s)), (np.zeros(len(s), dtype=int), s)), shape=(1, self.n_vars)),
                       np.ones(1), equality=True)
         return s
+
+    def add_row_maximum(self, C: np.ndarray, offset: np.ndarray, lb: float, ub: float) -> int:
+        """A variable ``t ∈ [lb, ub]`` with ``t ≥ C_k f − offset_k`` for every row k (so ``min t`` is
+        ``min max_k (C_k f − offset_k)``: > 0 iff the rows ``C f ≤ offset`` hold nowhere jointly); its index.
+        ``lb``/``ub`` must be valid bounds of that maximum (e.g. from a sound bounder, widened)."""
+        C = np.asarray(C, dtype=np.float64).reshape(-1, np.size(self.ops[self.depth][0]))
+        t = int(self.add_variables([lb], [ub])[0])
+        F, f0 = self.affine(self.depth)
+        A = sp.csr_matrix(C) @ F - sp.csr_matrix((np.ones(len(C)), (np.arange(len(C)), np.full(len(C), t))),
+                                                 shape=(len(C), self.n_vars))
+        self.add_rows(A, np.asarray(offset, dtype=np.float64).reshape(-1) - C @ f0)
+        return t
 
     def add_split(self, layer: int, unit: int, sign: int):
         """The branch-and-bound row ``sign · ẑ_{layer, unit} ≥ 0`` (sign +1: active, −1: inactive), any unit."""
