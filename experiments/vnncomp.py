@@ -1,0 +1,299 @@
+"""The VNN-COMP interface: ``python -m experiments.vnncomp prepare|run|bench``.
+
+* ``prepare <category> <onnx> <vnnlib>``: load and convert the network, parse the property, open an
+  onnxruntime session; exit 0, or 1 with the reason on stderr.
+* ``run <category> <onnx> <vnnlib> <results_file> <timeout>`` (the runner's arguments after its version
+  word): verify with :func:`polytope_lab.pipeline.verify_property` and write the results file: its first
+  line ``sat``, ``unsat``, ``timeout``, ``unknown`` or ``error``; after ``sat`` the counterexample
+  ``((X_0 v) … (Y_0 v) …)``, X in the ONNX input's C order, Y computed by onnxruntime on that X. Before a
+  ``sat`` is written, X (as written, in the input's dtype) is checked to lie in its case's box, Y to be
+  onnxruntime's output and one disjunct to hold on that Y (no tolerance); a failed check writes
+  ``unknown``. The timeout counts from the process start (interpreter and imports included); a watchdog
+  writes ``timeout`` and exits just before it, should a stage overrun its budget. Any exception writes
+  ``error`` (reason on stderr, exit 0).
+* ``bench <instances.csv>``: every instance of the list (``onnx,vnnlib,timeout`` relative to the CSV's
+  folder or ``--root``) for each configuration, rows in the result store as they finish (a rerun skips
+  them), a per-instance table, a summary (verdict counts, median seconds, deciding stages) and the cactus
+  plot (instances decided against time).
+"""
+from __future__ import annotations
+
+import time
+
+_T0 = time.monotonic()   # before the heavy imports: they count against the instance's timeout
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+VERDICTS = ("sat", "unsat", "timeout", "unknown", "error")
+#: configurations of the pipeline (``verify_property`` keyword arguments) that ``bench`` can compare
+CONFIGS = {"default": {}, "no-attack": {"stages": ("dual", "dual-optimized", "exact")}}
+#: seconds kept back from the pipeline's budget for the onnxruntime check and the results file
+MARGIN_SECONDS, MARGIN_FRACTION = 0.5, 0.02
+#: the watchdog fires this long before the timeout
+WATCHDOG_SECONDS = 0.2
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; else since this module was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), time.monotonic() - _T0)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _T0
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Instance:
+    """A loaded instance: the network (normal form), the property, the onnxruntime session."""
+    network: object
+    prop: object
+    session: object
+    input_name: str
+    input_shape: tuple
+    input_dtype: type
+
+
+def ort_session(onnx_path):
+    """(session, input name, input shape with the batch as 1, numpy input dtype) of the original network."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in inp.shape)
+    dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64}.get(inp.type)
+    if dtype is None:
+        raise ValueError(f"{onnx_path}: input {inp.name!r} has type {inp.type}; only float/double inputs")
+    return session, inp.name, shape, dtype
+
+
+def load_instance(onnx_path, vnnlib_path, networks: dict | None = None) -> Instance:
+    """Load (or take from the cache ``networks``) the network and its session, and parse the property."""
+    import polytope_lab as pl
+    for path in (onnx_path, vnnlib_path):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+    key = str(Path(onnx_path).resolve())
+    if networks is None or key not in networks:
+        loaded = (pl.load_onnx(onnx_path), *ort_session(onnx_path))
+        if networks is not None:
+            networks[key] = loaded
+    network, session, name, shape, dtype = networks[key] if networks is not None else loaded
+    prop = pl.read_vnnlib(vnnlib_path, network.input_size, network.output_size)
+    return Instance(network, prop, session, name, shape, dtype)
+
+
+# ---------------------------------------------------------------------------------------- the witness
+
+
+def witness(inst: Instance, case, x) -> tuple:
+    """``(X, Y, "")`` to write for the counterexample ``x`` of ``case``, or ``(None, None, reason)``.
+
+    X is x in the input's dtype, nudged by one ulp where rounding left the box, and must lie in the box
+    (float64 comparison); Y is onnxruntime's output on X, flattened in C order; Y must satisfy a disjunct
+    of ``case`` exactly."""
+    from polytope_lab.properties import satisfied
+    X = np.asarray(x, dtype=np.float64).reshape(-1).astype(inst.input_dtype)
+    lo, hi = case.lo.astype(inst.input_dtype), case.hi.astype(inst.input_dtype)
+    X = np.where(X.astype(np.float64) < case.lo, np.nextafter(X, lo.dtype.type(np.inf)), X)
+    X = np.where(X.astype(np.float64) > case.hi, np.nextafter(X, hi.dtype.type(-np.inf)), X)
+    if X.size != case.lo.size or not np.isfinite(X).all():
+        return None, None, f"the counterexample has {X.size} finite-or-not values, the box {case.lo.size}"
+    if (X.astype(np.float64) < case.lo).any() or (X.astype(np.float64) > case.hi).any():
+        return None, None, "the counterexample, in the input's dtype, leaves the box"
+    out = inst.session.run(None, {inst.input_name: X.reshape(inst.input_shape)})[0]
+    Y = np.asarray(out).reshape(-1)
+    if Y.size != inst.network.output_size or not np.isfinite(Y).all():
+        return None, None, f"onnxruntime gave {Y.size} outputs (finite: {bool(np.isfinite(Y).all())})"
+    if not bool(satisfied(case, Y.astype(np.float64)[None])[0].any()):
+        return None, None, "onnxruntime's output on the counterexample satisfies no disjunct"
+    return X, Y, ""
+
+
+def results_text(verdict: str, X=None, Y=None) -> str:
+    """The results file's content: the verdict line, and after ``sat`` the ``((X_i v) … (Y_j v))`` list."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    if verdict != "sat":
+        return verdict + "\n"
+    entries = [f"(X_{i} {float(v)!r})" for i, v in enumerate(X)] + [f"(Y_{j} {float(v)!r})" for j, v in enumerate(Y)]
+    return "sat\n(" + "\n ".join(entries) + ")\n"
+
+
+def write_results(path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file beside it, renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------- solving
+
+
+@dataclass
+class Outcome:
+    """One instance's answer: the verdict, the stage that decided, the seconds, the results file's text,
+    and a message (why unknown/error, what was left open)."""
+    verdict: str
+    stage: str | None
+    seconds: float
+    text: str
+    message: str = ""
+
+
+def solve(inst: Instance, time_limit: float, config: str = "default", seed: int = 0, threads=None) -> Outcome:
+    """Verify a loaded instance within ``time_limit`` seconds; a sat only with a checked witness."""
+    from polytope_lab.pipeline import verify_property
+    start = time.monotonic()
+    if time_limit <= 0:
+        return Outcome("timeout", None, 0.0, results_text("timeout"), "no time left after loading")
+    result = verify_property(inst.network, inst.prop, time_limit, seed=seed, threads=threads, **CONFIGS[config])
+    verdict, message = result.verdict, result.message
+    text = results_text(verdict) if verdict != "sat" else None
+    if verdict == "sat":
+        cex = result.counterexample
+        X, Y, reason = witness(inst, inst.prop[cex.case], cex.x)
+        if X is None:
+            verdict, message = "unknown", f"counterexample rejected by the onnxruntime check: {reason}"
+            text = results_text("unknown")
+        else:
+            text = results_text("sat", X, Y)
+    return Outcome(verdict, result.stage, time.monotonic() - start, text, message)
+
+
+def budget(timeout: float, age: float) -> float:
+    """The pipeline's seconds: the timeout less the process's age and the margin for check and write."""
+    return timeout - age - MARGIN_SECONDS - MARGIN_FRACTION * timeout
+
+
+class Watchdog:
+    """Writes ``timeout`` to the results file ``seconds`` from now and exits the process (``hard_exit``;
+    else the answer that comes later is dropped), unless :meth:`finish` wrote the answer first (one lock:
+    never both, never a torn file)."""
+
+    def __init__(self, path, seconds: float, hard_exit: bool = True):
+        self.path, self.lock, self.done, self.hard_exit = path, threading.Lock(), False, hard_exit
+        self.timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _fire(self):
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+            write_results(self.path, results_text("timeout"))
+            print("vnncomp run: the watchdog stopped the run at the timeout", file=sys.stderr, flush=True)
+            if self.hard_exit:
+                os._exit(0)
+
+    def finish(self, text: str):
+        with self.lock:
+            if not self.done:
+                self.done = True
+                self.timer.cancel()
+                write_results(self.path, text)
+
+
+def cmd_run(args) -> int:
+    """``run``: the clock starts at ``args.started`` (time.monotonic(); the process start when run as a
+    script, where the watchdog also exits the process)."""
+    timeout = float(args.timeout)
+    age = lambda: time.monotonic() - args.started  # noqa: E731
+    dog = Watchdog(args.results_file, timeout - age() - WATCHDOG_SECONDS, hard_exit=args.hard_exit)
+    try:
+        inst = load_instance(args.onnx, args.vnnlib)
+        out = solve(inst, budget(timeout, age()), args.config, args.seed, args.threads)
+        dog.finish(out.text)
+        print(f"{out.verdict} (stage {out.stage}, {age():.2f} s in all) {out.message}".rstrip(), file=sys.stderr)
+    except Exception as e:  # the contract: any failure is an "error" result, exit 0
+        dog.finish(results_text("error"))
+        print(f"vnncomp run: error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    try:
+        inst = load_instance(args.onnx, args.vnnlib)
+    except Exception as e:
+        print(f"vnncomp prepare: {args.onnx}, {args.vnnlib}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"prepared {args.category}: {inst.network.input_size} inputs, {inst.network.output_size} outputs, "
+          f"{len(inst.prop)} case(s)", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- the parser
+
+
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"a finite number of seconds, got {text!r}")
+    return value
+
+
+def subparser(experiment: bool = False, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand's parser: the experiments' :class:`~experiments.cli.ExperimentParser` for ``bench``."""
+    if experiment:
+        from experiments.cli import ExperimentParser
+        return ExperimentParser(**kwargs)
+    return argparse.ArgumentParser(**kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from experiments import vnncomp_bench
+    parser = argparse.ArgumentParser(prog="python -m experiments.vnncomp", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,run,bench}",
+                                parser_class=subparser)
+    prep = sub.add_parser("prepare", help="load the network and parse the property once (fail early)",
+                          description="Load and convert the ONNX network, parse the VNN-LIB property, open an "
+                                      "onnxruntime session; exit 0, or 1 with the reason on stderr.")
+    run = sub.add_parser("run", help="verify one instance and write the results file",
+                         description="Verify one instance within the timeout (counted from the process start) "
+                                     "and write the VNN-COMP results file; exit 0 whatever the verdict.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for p in (prep, run):
+        p.add_argument("category", help="the benchmark category (informational)")
+        p.add_argument("onnx", help="the ONNX network")
+        p.add_argument("vnnlib", help="the VNN-LIB property")
+    run.add_argument("results_file", help="where the result goes")
+    run.add_argument("timeout", type=positive_seconds, help="seconds, from the process start")
+    run.add_argument("--config", choices=sorted(CONFIGS), default="default", help="pipeline configuration")
+    run.add_argument("--seed", type=int, default=0, help="the attack's seed")
+    run.add_argument("--threads", type=int, default=None, help="solver threads (None: the solver's own)")
+    prep.set_defaults(func=cmd_prepare)
+    run.set_defaults(func=cmd_run)
+    vnncomp_bench.add_parser(sub)
+    return parser
+
+
+def main(argv=None, started: float | None = None, hard_exit: bool = False) -> int:
+    """The command line; ``started``: when ``run``'s clock started (time.monotonic(); default: now);
+    ``hard_exit``: ``run``'s watchdog exits the process at the timeout (as a script)."""
+    started = time.monotonic() if started is None else started
+    args = build_parser().parse_args(argv)
+    args.started, args.hard_exit = started, hard_exit
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    code = main(started=time.monotonic() - process_age(), hard_exit=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)   # skips the interpreter's teardown (torch's takes ~1 s), which would count against the timeout
