@@ -255,8 +255,9 @@ def subparser(experiment: bool = False, **kwargs) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(**kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from experiments import vnncomp_bench
+def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    """The parser; ``with_bench=False`` leaves out ``bench``, whose imports (pandas, torch: seconds) would
+    otherwise delay ``run``'s watchdog."""
     parser = argparse.ArgumentParser(prog="python -m experiments.vnncomp", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,run,bench}",
@@ -279,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, help="solver threads (None: the solver's own)")
     prep.set_defaults(func=cmd_prepare)
     run.set_defaults(func=cmd_run)
-    vnncomp_bench.add_parser(sub)
+    if with_bench:
+        from experiments import vnncomp_bench
+        vnncomp_bench.add_parser(sub)
     return parser
 
 
@@ -287,7 +290,8 @@ def main(argv=None, started: float | None = None, hard_exit: bool = False) -> in
     """The command line; ``started``: when ``run``'s clock started (time.monotonic(); default: now);
     ``hard_exit``: ``run``'s watchdog exits the process at the timeout (as a script)."""
     started = time.monotonic() if started is None else started
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(with_bench=argv[:1] not in (["run"], ["prepare"])).parse_args(argv)
     args.started, args.hard_exit = started, hard_exit
     return args.func(args)
 
