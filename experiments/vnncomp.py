@@ -24,6 +24,8 @@ _T0 = time.monotonic()   # before the heavy imports: they count against the inst
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -187,6 +189,7 @@ class Watchdog:
 
     def __init__(self, path, seconds: float, hard_exit: bool = True):
         self.path, self.lock, self.done, self.hard_exit = path, threading.Lock(), False, hard_exit
+        self.backstop = backstop(path, seconds + WATCHDOG_SECONDS / 2) if hard_exit else None
         self.timer = threading.Timer(max(seconds, 0.0), self._fire)
         self.timer.daemon = True
         self.timer.start()
@@ -207,6 +210,28 @@ class Watchdog:
                 self.done = True
                 self.timer.cancel()
                 write_results(self.path, text)
+                if self.backstop is not None:
+                    os.close(self.backstop)   # the backstop process sees the pipe close and exits
+
+
+def backstop(path, seconds: float) -> int:
+    """The last resort behind the watchdog thread (which needs the GIL, which a long C call may hold): a
+    forked process that, ``seconds`` from now, kills this one (SIGKILL) and writes ``timeout``, unless the
+    returned pipe end is closed first (or this process ends) — then it just exits. Returns that pipe end."""
+    parent = os.getpid()
+    r, w = os.pipe()
+    if os.fork() == 0:                                   # the child: only os calls from here on
+        try:
+            os.close(w)
+            ready, _, _ = select.select([r], [], [], max(seconds, 0.0))
+            if not ready:
+                os.kill(parent, signal.SIGKILL)
+                write_results(path, "timeout\n")
+                os.write(2, b"vnncomp run: the backstop killed the run at the timeout\n")
+        finally:
+            os._exit(0)
+    os.close(r)
+    return w
 
 
 def cmd_run(args) -> int:

@@ -221,6 +221,24 @@ def test_the_timeout_counts_from_the_process_start(tiny, tmp_path):
     assert wall < 1.0 + 0.3, wall
 
 
+def test_the_backstop_ends_a_run_that_holds_the_gil(tmp_path):
+    """The watchdog thread needs the GIL; a C call that holds it (here a regex backtracking) is stopped by
+    the forked backstop: the process is killed just after the deadline and the file says timeout."""
+    results = tmp_path / "r.txt"
+    code = (f"from experiments.vnncomp import Watchdog; import re; d = Watchdog({str(results)!r}, 0.5); "
+            "re.match(r'(a+)+$', 'a' * 64 + 'b')")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=30)
+    assert time.monotonic() - start < 5 and done.returncode == -9, done.stderr
+    assert results.read_text() == "timeout\n" and "backstop" in done.stderr
+    code = (f"from experiments.vnncomp import Watchdog; import time; d = Watchdog({str(results)!r}, 0.5); "
+            "d.finish('unsat\\n'); time.sleep(1.0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          timeout=30).returncode == 0
+    assert results.read_text() == "unsat\n"
+
+
 # ---------------------------------------------------------------------------------------- bench
 
 
