@@ -47,7 +47,7 @@ def read_instances(path, root=None) -> list:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """The ``bench`` subcommand on the subparsers ``sub`` (an :class:`ExperimentParser`)."""
-    from experiments import vnncomp
+    from experiments import vnncomp_instance
     parser = sub.add_parser("bench", help="run an instances CSV: results table, summary, cactus plot",
                             experiment=True, description=__doc__.split("\n\n")[1].replace("\n", " "),
                             out="out/vnncomp", defaults=DEFAULTS, quick=QUICK,
@@ -57,31 +57,31 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.setting("--timeout-scale", type=float, help="multiplies every instance's timeout")
     parser.setting("--limit", type=int, help="only the first N instances (default: all)")
     parser.setting("--configs", type=lambda s: [c for c in s.split(",") if c],
-                   help=f"comma-separated configurations, of {sorted(vnncomp.CONFIGS)}")
+                   help=f"comma-separated configurations, of {sorted(vnncomp_instance.CONFIGS)}")
     parser.set_defaults(func=cmd_bench)
     return parser
 
 
 def run_one(onnx, vnnlib, timeout: float, config: str, args, networks: dict):
     """One instance as ``run`` does it, in this process: (Outcome, results text)."""
-    from experiments import vnncomp
+    from experiments import vnncomp_instance
     start = time.monotonic()
     try:
-        inst = vnncomp.load_instance(onnx, vnnlib, networks)
-        out = vnncomp.solve(inst, vnncomp.budget(timeout, time.monotonic() - start), config, args.seed,
+        inst = vnncomp_instance.load_instance(onnx, vnnlib, networks)
+        out = vnncomp_instance.solve(inst, vnncomp_instance.budget(timeout, time.monotonic() - start), config, args.seed,
                             args.threads)
         out.seconds = time.monotonic() - start
     except Exception as e:  # as in run: any failure is an "error" row
-        out = vnncomp.Outcome("error", None, time.monotonic() - start, vnncomp.results_text("error"),
+        out = vnncomp_instance.Outcome("error", None, time.monotonic() - start, vnncomp_instance.results_text("error"),
                               f"{type(e).__name__}: {e}")
     return out
 
 
 def cmd_bench(args) -> int:
-    from experiments import vnncomp
-    unknown = sorted(set(args.configs) - set(vnncomp.CONFIGS))
+    from experiments import vnncomp_instance
+    unknown = sorted(set(args.configs) - set(vnncomp_instance.CONFIGS))
     if unknown or not args.configs:
-        raise SystemExit(f"--configs: unknown {unknown}; choose among {sorted(vnncomp.CONFIGS)}")
+        raise SystemExit(f"--configs: unknown {unknown}; choose among {sorted(vnncomp_instance.CONFIGS)}")
     instances = read_instances(args.instances, args.root)[:args.limit]
     root = Path(args.root) if args.root else Path(args.instances).parent
     out, networks = Path(args.out), {}
@@ -95,7 +95,7 @@ def cmd_bench(args) -> int:
                 res = run_one(onnx, vnnlib, limit, config, args, networks)
                 path = out / "results" / config / f"{onnx.stem}__{vnnlib.stem}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                vnncomp.write_results(path, res.text)
+                vnncomp_instance.write_results(path, res.text)
                 store.put(key, dict(zip(COLUMNS, (*key, res.verdict, res.seconds, res.stage, res.message))))
                 print(f"{config}: {vnnlib.name}: {res.verdict} ({res.stage}, {res.seconds:.2f} s)", flush=True)
         df = store.frame(COLUMNS)
@@ -112,13 +112,13 @@ def cmd_bench(args) -> int:
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Per configuration: instances, the count of each verdict, median seconds (all and decided ones),
     and how many instances each stage decided."""
-    from experiments import vnncomp
+    from experiments import vnncomp_instance
     rows = []
     for config, g in df.groupby("config", sort=False):
         decided = g[g["verdict"].isin(["sat", "unsat"])]
         counts = g["verdict"].value_counts()
         stages = decided["stage"].fillna("?").value_counts()
-        rows.append({"config": config, "instances": len(g), **{v: int(counts.get(v, 0)) for v in vnncomp.VERDICTS},
+        rows.append({"config": config, "instances": len(g), **{v: int(counts.get(v, 0)) for v in vnncomp_instance.VERDICTS},
                      "median seconds": g["seconds"].median(),
                      "median seconds (decided)": decided["seconds"].median() if len(decided) else float("nan"),
                      "stages (decided)": ", ".join(f"{s} {n}" for s, n in stages.items())})

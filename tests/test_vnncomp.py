@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from experiments import vnncomp, vnncomp_bench
+from experiments import vnncomp, vnncomp_bench, vnncomp_instance
 from polytope_lab import pipeline
 from polytope_lab.store import ResultStore
 
@@ -277,7 +277,7 @@ def test_bench_writes_rows_resumes_and_plots(tiny, tmp_path, monkeypatch, capsys
 
     def never(*args, **kwargs):
         raise AssertionError("a finished instance was recomputed")
-    monkeypatch.setattr(vnncomp, "solve", never)
+    monkeypatch.setattr(vnncomp_instance, "solve", never)
     assert vnncomp.main(argv) == 0
     with ResultStore(out / "results.sqlite", vnncomp_bench.TABLE) as store:
         assert len(store) == 4
