@@ -342,7 +342,7 @@ class MILPBounder(Bounder):
         budget = Budget(self.time_limit if time_limit is None else time_limit)
         prob = self.exact_problem(network, region, A)
         rows, lower, upper = prob.C64[0], prob.lower[0] - b64, prob.upper[0] - b64
-        if float(lower.max()) > 0:   # one row already fails everywhere (the intermediate bounder's sound bound)
+        if float(lower.max()) > DECIDE:   # one row fails everywhere (the intermediate bounder's sound bound)
             return PointSearch("refuted", float(lower.max()))
         system = prob.system(0, budget)
         t_lo, t_hi = widen(np.array([float(lower.max())]), np.array([float(upper.max())]))

@@ -4,11 +4,12 @@
 disjuncts ``A f(x) ≤ b``, the **unsafe** condition) on a network within a time limit:
 
 1. ``"dual"``: interval ∩ dual bounds of every row over the box: a disjunct is refuted when one row's
-   ``lower(A_k f) − b_k > 0`` (:func:`polytope_lab.properties.refuted`). It runs before the attack
+   ``lower(A_k f) − b_k > REFUTE_TOL`` (:func:`polytope_lab.properties.refuted`). It runs before the attack
    because it is cheaper (mnistfc 256x2: 0.03 s for a case's 9 rows, PGD a few seconds) and leaves the
    attack only the disjuncts it cannot refute;
 2. ``"attack"``: the box centre, then signed-gradient PGD from random starts minimising
-   ``max_k (A_k f(x) − b_k)`` per open disjunct; a point where it is ≤ 0 is a candidate counterexample;
+   ``max_k (A_k f(x) − b_k)`` per open disjunct (at most ``ATTACK_SHARE`` of the time left); a point
+   where it is ≤ 0 is a candidate counterexample;
 3. ``"dual-optimized"``: the dual with optimised α, for the disjuncts still open;
 4. ``"exact"``: the exact backend from the registry ("bab" where it offers ``find_point``, else the
    MILP, :meth:`MILPBounder.find_point`) decides each open disjunct's rows *jointly*, with the time left
@@ -45,12 +46,18 @@ EXACT_BACKENDS = ("bab", "milp")
 VERDICTS = ("unsat", "sat", "timeout", "unknown", "error")
 #: a counterexample may leave its box by this much before it is rejected (then it is clamped into it)
 BOX_TOL = 1e-6
+#: the attack may spend at most this share of the time left when it starts (the bounds and the exact
+#: backend get the rest)
+ATTACK_SHARE = 0.25
+#: a bound refutes a row only with ``lower − b > REFUTE_TOL``: float64 rounding in the bound itself (about
+#: 1e-12 on mnistfc-sized nets) never decides
+REFUTE_TOL = 1e-9
 #: seconds the first optimised-α bound of a process spends importing torch._dynamo (torch.optim's first use;
 #: measured 2-3 s here): budgeted so that the stage is skipped rather than run past the time limit
 ALPHA_FIRST_USE_SECONDS = 3.0
 
 __all__ = ["verify_property", "PropertyResult", "CaseResult", "Counterexample", "check_counterexample",
-           "exact_backend", "STAGES", "VERDICTS", "BOX_TOL"]
+           "exact_backend", "STAGES", "VERDICTS", "BOX_TOL", "REFUTE_TOL"]
 
 
 @dataclass
@@ -96,6 +103,15 @@ class PropertyResult:
     cases: list
     stage_seconds: dict = field(default_factory=dict)
     message: str = ""
+
+    def vnncomp(self) -> str:
+        """The VNN-COMP results file's text: the verdict line, and after ``sat`` the counterexample as
+        ``((X_0 v) … (Y_0 v) …)`` (X in the property's C order; full float64 precision)."""
+        if self.verdict != "sat":
+            return self.verdict + "\n"
+        pairs = [f"(X_{i} {float(v)!r})" for i, v in enumerate(self.counterexample.x)]
+        pairs += [f"(Y_{j} {float(v)!r})" for j, v in enumerate(self.counterexample.y)]
+        return "sat\n(" + "\n ".join(pairs) + ")\n"
 
 
 def exact_backend(name=None) -> str:
@@ -172,19 +188,20 @@ class _Run:
 
 def _attack(run: _Run):
     """The centre of each box, then PGD on every open disjunct with rows."""
+    stop = Budget(run.budget.remaining() * ATTACK_SHARE)
     for ci, case in enumerate(run.cases):
         if not run.open(ci):
             continue
-        if run.budget.expired or run.check(ci, run.regions[ci].center, "attack"):
+        if stop.expired or run.check(ci, run.regions[ci].center, "attack"):
             return
         ds = [d for d in run.open(ci) if len(case.disjuncts[d].b)]
-        if ds and _pgd(run, ci, ds):
+        if ds and _pgd(run, ci, ds, stop):
             return
 
 
-def _pgd(run: _Run, ci: int, ds: list) -> bool:
+def _pgd(run: _Run, ci: int, ds: list, stop: Budget) -> bool:
     """Sign-gradient descent on ``max_k (A_k f − b_k)`` of disjuncts ``ds`` from ``restarts`` starts each
-    (the first at the centre), steps shrinking linearly; True once a point checks out."""
+    (the first at the centre), steps shrinking linearly, until ``stop``; True once a point checks out."""
     case, region, (steps, R) = run.cases[ci], run.regions[ci], run.opt["attack"]
     K, n_out = max(len(case.disjuncts[d].b) for d in ds), run.net.output_size
     C = torch.zeros(len(ds), K, n_out, dtype=torch.float64)
@@ -206,7 +223,7 @@ def _pgd(run: _Run, ci: int, ds: list) -> bool:
         for p in torch.argsort(g.detach())[:8].tolist():   # the most promising points only
             if g[p] <= 0 and run.check(ci, x[p], "attack"):
                 return True
-        if step == steps or run.budget.expired:
+        if step == steps or stop.expired:
             return False
         eta = radius * (4.0 / steps) * (1.0 - step / (steps + 1))
         x = torch.minimum(torch.maximum(x.detach() - eta * grad.sign(), lo), hi)
@@ -234,7 +251,7 @@ def _dual(run: _Run, optimized: bool):
             run.errors.append(f"{stage} on case {ci}: {type(e).__name__}: {e}")
             continue
         lower = torch.stack([b.lower for b in bounds]).amax(0)
-        done = refuted(sub, Bounds(lower, lower.clone(), method=stage))
+        done = refuted(sub, Bounds(lower, lower.clone(), method=stage), tol=REFUTE_TOL)
         margin = lower[0] - offset
         for i, (d, g) in enumerate(zip(ds, groups)):
             m = margin[g]

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
+from conftest import n_examples
 from polytope_lab import pipeline
 from polytope_lab.milp import MILPBounder, PointSearch
 from polytope_lab.pipeline import check_counterexample, exact_backend, verify_property
@@ -71,6 +72,10 @@ def test_a_known_counterexample_is_found_by_the_attack_and_checked():
     assert r.verdict == "sat" and r.stage == "attack"
     assert_valid_counterexample(net, p, r)
     assert r.cases[0].status[1] != "sat"
+    text = r.vnncomp().splitlines()
+    assert text[0] == "sat" and len(text) == 5 and text[1].startswith("((X_0 ") and text[-1].endswith("))")
+    values = [float(t.strip(" ()").split()[1]) for t in text[1:]]
+    assert values == [*r.counterexample.x, *r.counterexample.y]
 
 
 def test_the_dual_certifies_what_is_far_from_reachable():
@@ -78,7 +83,7 @@ def test_the_dual_certifies_what_is_far_from_reachable():
     _, _, dual_lo = exact_range(net)
     p = prop(([[1.0, 0]], [dual_lo[0] - 0.05]), ([[0, 1.0]], [dual_lo[1] - 0.05]))
     r = verify_property(net, p, 10, threads=1)
-    assert r.verdict == "unsat" and r.stage == "dual" and r.counterexample is None
+    assert r.verdict == "unsat" and r.stage == "dual" and r.counterexample is None and r.vnncomp() == "unsat\n"
     assert r.cases[0].status == ["refuted", "refuted"] and min(r.cases[0].margin) > 0
 
 
@@ -153,7 +158,7 @@ def random_property(rng, ys):
     return out
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(n_examples(8)))   # POLYTOPE_LAB_TEST_SCALE=20: 160 nets
 def test_verdicts_agree_with_dense_grid_sampling(seed):
     rng = np.random.default_rng(seed)
     net = tiny_net(seed=100 + seed, width=6)
@@ -282,3 +287,71 @@ def test_find_point_decides_conjunctions_and_boundary_cases():
         assert r.verdict in ("sat", "unknown")
     with pytest.raises(ValueError):
         milp.find_point(net, box, np.zeros((0, 2)), np.zeros(0))
+
+
+def test_the_time_limit_holds_on_a_net_the_milp_cannot_finish():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(10, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
+                        nn.Linear(48, 1)).double()
+    lo, hi = -np.ones(10), np.ones(10)
+    box = pl.Box(torch.tensor(lo)[None], torch.tensor(hi)[None])
+    dual_lo = float(pl.Bounder.create("dual").bound(net, box).lower[0, 0])
+    attacked = float(pl.pgd_minimize(net, box, torch.eye(1, dtype=torch.float64), steps=50, restarts=5)[0][0, 0])
+    p = Property([Case(lo, hi, [Disjunct(np.array([[1.0]]), np.array([(dual_lo + attacked) / 2]))])], 10, 1)
+    r = verify_property(net, p, 1.5, threads=1)
+    assert r.seconds < 1.5 + 0.5, r
+    assert r.verdict in ("sat", "unsat", "timeout"), r
+    if r.verdict == "sat":
+        assert_valid_counterexample(net, p, r)
+
+
+def test_float32_models_networks_and_shaped_inputs():
+    net = tiny_net()
+    x0 = torch.tensor([[0.3, 0.8]], dtype=torch.float64)
+    with torch.no_grad():
+        y0 = net(x0)[0].numpy()
+    p = prop(([[0, 1.0]], [y0[1] + 1e-3]))
+    shaped = nn.Sequential(nn.Flatten(), *tiny_net()).float()   # inputs (2, 1), as ONNX's [1, n, 1] after the batch
+    for model, shape in ((net.float(), None), (pl.from_torch(tiny_net(), (2,)), None), (shaped, (2, 1))):
+        r = verify_property(model, p, 10, input_shape=shape, threads=1)
+        assert r.verdict == "sat"
+        cx = r.counterexample
+        assert cx.x.shape == (2,) and cx.x.dtype == np.float64 and np.all(A_le_b(p, cx))
+    with pytest.raises(ValueError):
+        verify_property(shaped, p, 10, input_shape=(3, 1))
+
+
+def A_le_b(p, cx):
+    A, b = p[cx.case].disjuncts[cx.disjunct]
+    return A @ cx.y <= b
+
+
+@pytest.fixture(scope="module")
+def mnistfc():
+    """(folder, Network) of the shared VNN-COMP 2021 mnistfc 256x2 net (skipped without the benchmarks)."""
+    from conftest import real_path
+    folder = real_path("POLYTOPE_LAB_BENCHMARKS", "vnncomp2021", "mnistfc", what="vnncomp2021/mnistfc/")
+    return folder, pl.load_onnx(folder / "mnist-net_256x2.onnx")
+
+
+def test_mnistfc_end_to_end(mnistfc):
+    """Real instances: a sat one (its counterexample checked by onnxruntime, as the competition does), one
+    the dual certifies, and a tiny time limit."""
+    ort = pytest.importorskip("onnxruntime")
+    folder, net = mnistfc
+    sess = ort.InferenceSession(str(folder / "mnist-net_256x2.onnx"))
+    p = pl.read_vnnlib(folder / "prop_12_0.05.vnnlib", 784, 10)
+    r = verify_property(net, p, 60, threads=1)
+    assert r.verdict == "sat", r.message
+    x = r.counterexample.x
+    assert np.all(x >= p[0].lo) and np.all(x <= p[0].hi)
+    y = sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32).reshape(1, 784, 1)})[0].reshape(-1)
+    assert np.abs(y - r.counterexample.y).max() < 1e-4
+    A, b = p[0].disjuncts[r.counterexample.disjunct]
+    assert np.all(A @ r.counterexample.y <= b)
+    p = pl.read_vnnlib(folder / "prop_2_0.03.vnnlib", 784, 10)
+    r = verify_property(net, p, 60, threads=1)
+    assert r.verdict == "unsat" and r.stage == "dual"
+    hard = pl.read_vnnlib(folder / "prop_0_0.05.vnnlib", 784, 10)
+    r = verify_property(net, hard, 0.5, threads=1)
+    assert r.verdict == "timeout" and r.seconds < 0.5 + 1.0
