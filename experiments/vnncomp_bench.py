@@ -22,6 +22,8 @@ TABLE = "vnncomp_instances"
 COLUMNS = ["config", "onnx", "vnnlib", "timeout", "verdict", "seconds", "stage", "message"]
 DEFAULTS = {"timeout_scale": 1.0, "limit": None, "configs": ["default"]}
 QUICK = {"timeout_scale": 0.1, "limit": 2}
+#: the cactus plot's time axis starts here (log scale)
+FASTEST = 0.01
 
 
 def read_instances(path, root=None) -> list:
@@ -132,9 +134,12 @@ def cactus(df: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for config, g in df.groupby("config", sort=False):
-        times = sorted(g[g["verdict"].isin(["sat", "unsat"])]["seconds"])
-        ax.step([0.0, *times], range(len(times) + 1), where="post", label=f"{config} ({len(times)}/{len(g)})")
-    ax.set_xlabel("time limit t (seconds)")
+        times = sorted(max(t, FASTEST) for t in g[g["verdict"].isin(["sat", "unsat"])]["seconds"])
+        end = max([float(g["timeout"].max()), *times]) if len(g) else 1.0
+        ax.step([FASTEST, *times, end], [0, *range(1, len(times) + 1), len(times)], where="post",
+                label=f"{config} ({len(times)}/{len(g)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("time limit t (seconds, log scale)")
     ax.set_ylabel("instances decided within t")
     ax.set_title("VNN-COMP instances decided (sat or unsat)")
     ax.grid(alpha=0.3)
