@@ -162,7 +162,8 @@ class PointSearch:
     ``status``: "refuted" (proven: no point of the box satisfies every row; ``bound`` > 0 is a proven lower
     bound of ``min max_k (A_k f − b_k)``), "found" (``point``, flat float64, lies in the box and satisfies
     every row on the float64 network: ``value = max_k (A_k f(point) − b_k) ≤ 0``), "time_limit",
-    "unknown" (the minimum is 0 within the solver's tolerance) or "error: …"."""
+    "unknown" (the minimum is 0 within the solver's tolerance) or "error: …". Otherwise than "found",
+    ``point``/``value`` are the solver's last incumbent in the box (``value`` > 0: it fails), or None."""
 
     status: str
     bound: float = -math.inf
@@ -350,9 +351,10 @@ class MILPBounder(Bounder):
         cost = np.zeros(system.n_vars)
         cost[t] = 1.0
         solver, (lo, hi) = self.adapter(system), prob.box(0)
+        last = dict(point=None, value=math.nan)   # the latest incumbent that failed the network's check
         for early in (True, False):
             if budget.expired:
-                return PointSearch("time_limit")
+                return PointSearch("time_limit", **last)
             stops = dict(stop_above=2 * DECIDE, stop_below=-DECIDE) if early else {}
             out = solver.solve(cost, 0.0, time_limit=budget.remaining(), **stops)
             if out.x is not None:
@@ -362,15 +364,16 @@ class MILPBounder(Bounder):
                 value = float((self.value_at(prob, rows, point) - b64).max())
                 if value <= 0:
                     return PointSearch("found", out.bound, point, value)
+                last = dict(point=point, value=value)
             if out.bound > DECIDE and out.status in ("optimal", "stopped"):   # clear of the solver's tolerance
                 return PointSearch("refuted", out.bound)
             if out.status == "time_limit":
-                return PointSearch("time_limit", out.bound)
+                return PointSearch("time_limit", out.bound, **last)
             if out.status == "infeasible":   # t is free above its lower bound: never empty
                 return PointSearch(error_status("the solver found the MILP infeasible (numerical trouble)"))
             if out.status.startswith("error"):
                 return PointSearch(out.status)
-        return PointSearch("unknown", out.bound)
+        return PointSearch("unknown", out.bound, **last)
 
     # ---------------------------------------------------------------- robustness queries
 

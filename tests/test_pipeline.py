@@ -59,7 +59,7 @@ def assert_valid_counterexample(net, p, result):
         y = net(torch.from_numpy(cx.x)[None])[0].numpy()
     np.testing.assert_allclose(cx.y, y, rtol=0, atol=1e-12)
     A, b = case.disjuncts[cx.disjunct]
-    assert np.all(A @ y <= b)
+    assert np.all(A @ y <= b + 1e-12 * (1 + np.abs(b)))   # numpy's dot may round differently from torch's
 
 
 def test_a_known_counterexample_is_found_by_the_attack_and_checked():
@@ -355,3 +355,22 @@ def test_mnistfc_end_to_end(mnistfc):
     hard = pl.read_vnnlib(folder / "prop_0_0.05.vnnlib", 784, 10)
     r = verify_property(net, hard, 0.5, threads=1)
     assert r.verdict == "timeout" and r.seconds < 0.5 + 1.0
+
+
+def test_an_exact_incumbent_that_fails_by_a_hair_is_polished_into_a_checked_point(monkeypatch):
+    net = tiny_net()
+    x0 = torch.tensor([[0.4, 0.6]], dtype=torch.float64)
+    with torch.no_grad():
+        y0 = float(net(x0)[0, 0])
+    p = prop(([[1.0, 0]], [y0]))
+    x0.requires_grad_(True)
+    grad, = torch.autograd.grad(net(x0)[0, 0], x0)
+    near = (x0 + 1e-7 * grad.sign()).detach()[0].numpy()   # just outside: f0 > y0 there
+
+    def hair(self, model, region, A, b, time_limit=None):
+        return PointSearch("unknown", -1e-7, near, 1e-7)
+    monkeypatch.setattr(MILPBounder, "find_point", hair)
+    r = verify_property(net, p, 5, stages=("exact",), threads=1)
+    assert r.verdict == "sat" and r.stage == "milp" and r.cases[0].stage == ["milp"]
+    assert_valid_counterexample(net, p, r)
+    assert np.abs(r.counterexample.x - near).max() < 1e-2
