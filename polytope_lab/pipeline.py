@@ -106,15 +106,6 @@ class PropertyResult:
     stage_seconds: dict = field(default_factory=dict)
     message: str = ""
 
-    def vnncomp(self) -> str:
-        """The VNN-COMP results file's text: the verdict line, and after ``sat`` the counterexample as
-        ``((X_0 v) … (Y_0 v) …)`` (X in the property's C order; full float64 precision)."""
-        if self.verdict != "sat":
-            return self.verdict + "\n"
-        pairs = [f"(X_{i} {float(v)!r})" for i, v in enumerate(self.counterexample.x)]
-        pairs += [f"(Y_{j} {float(v)!r})" for j, v in enumerate(self.counterexample.y)]
-        return "sat\n(" + "\n ".join(pairs) + ")\n"
-
 
 def exact_backend(name=None) -> str:
     """The exact backend to use: ``name`` if given (it must be registered and offer ``find_point``), else

@@ -73,10 +73,6 @@ def test_a_known_counterexample_is_found_by_the_attack_and_checked():
     assert r.verdict == "sat" and r.stage == "attack"
     assert_valid_counterexample(net, p, r)
     assert r.cases[0].status[1] != "sat"
-    text = r.vnncomp().splitlines()
-    assert text[0] == "sat" and len(text) == 5 and text[1].startswith("((X_0 ") and text[-1].endswith("))")
-    values = [float(t.strip(" ()").split()[1]) for t in text[1:]]
-    assert values == [*r.counterexample.x, *r.counterexample.y]
 
 
 def test_the_dual_certifies_what_is_far_from_reachable():
@@ -84,7 +80,7 @@ def test_the_dual_certifies_what_is_far_from_reachable():
     _, _, dual_lo = exact_range(net)
     p = prop(([[1.0, 0]], [dual_lo[0] - 0.05]), ([[0, 1.0]], [dual_lo[1] - 0.05]))
     r = verify_property(net, p, 10, threads=1)
-    assert r.verdict == "unsat" and r.stage == "dual" and r.counterexample is None and r.vnncomp() == "unsat\n"
+    assert r.verdict == "unsat" and r.stage == "dual" and r.counterexample is None
     assert r.cases[0].status == ["refuted", "refuted"] and min(r.cases[0].margin) > 0
 
 
