@@ -69,8 +69,8 @@ def witness(inst: Instance, case, x) -> tuple:
     """``(X, Y, "")`` to write for the counterexample ``x`` of ``case``, or ``(None, None, reason)``.
 
     X is x in the input's dtype, nudged by one ulp where rounding left the box, and must lie in the box
-    (float64 comparison); Y is onnxruntime's output on X, flattened in C order; Y must satisfy a disjunct
-    of ``case`` exactly."""
+    (float64 comparison); Y is onnxruntime's output on X, flattened in C order; Y must satisfy every row of
+    a disjunct of ``case`` strictly (the parser reads ``<`` as ``≤``: a tie is written as ``unknown``)."""
     from polytope_lab.properties import satisfied
     X = np.asarray(x, dtype=np.float64).reshape(-1).astype(inst.input_dtype)
     lo, hi = case.lo.astype(inst.input_dtype), case.hi.astype(inst.input_dtype)
@@ -84,8 +84,8 @@ def witness(inst: Instance, case, x) -> tuple:
     Y = np.asarray(out).reshape(-1)
     if Y.size != inst.network.output_size or not np.isfinite(Y).all():
         return None, None, f"onnxruntime gave {Y.size} outputs (finite: {bool(np.isfinite(Y).all())})"
-    if not bool(satisfied(case, Y.astype(np.float64)[None])[0].any()):
-        return None, None, "onnxruntime's output on the counterexample satisfies no disjunct"
+    if not bool(satisfied(case, Y.astype(np.float64)[None], strict=True)[0].any()):  # a tie may break a `<`
+        return None, None, "onnxruntime's output on the counterexample satisfies no disjunct strictly"
     return X, Y, ""
 
 

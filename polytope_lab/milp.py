@@ -454,15 +454,16 @@ class MILPBounder(Bounder):
         return "certified" if not pending else worst(pending, VERDICT_ORDER)
 
     def _decide_row(self, prob, b, system, model, r, guess, budget, refuted):
-        """The sign of margin row r: ("certified", proven bound > 0), ("counterexample", _) (recorded by
-        ``refuted``), or an undecided verdict ("time_limit", "unknown", "error: …")."""
+        """The sign of margin row r: ("certified", proven bound > ``DECIDE``, clear of the solver's
+        tolerance), ("counterexample", _) (recorded by ``refuted``), or an undecided verdict ("time_limit",
+        "unknown", "error: …")."""
         lo, hi = prob.box(b)
         cost, const = system.cost(prob.C64[b, r].numpy())
         start = system.assignment(guess) if guess is not None else None
         for early in (True, False):
             if budget.expired:
                 return "time_limit", None
-            stops = dict(stop_above=DECIDE, stop_below=-DECIDE) if early else {}
+            stops = dict(stop_above=2 * DECIDE, stop_below=-DECIDE) if early else {}
             out = model.solve(cost, const, time_limit=budget.remaining(), start=start, **stops)
             if out.x is not None:
                 point, inside = witness(out.x, lo, hi)
@@ -470,7 +471,7 @@ class MILPBounder(Bounder):
                     return WITNESS_ERROR, None
                 if refuted(point):
                     return "counterexample", None
-            if out.bound > 0 and out.status in ("optimal", "stopped"):
+            if out.bound > DECIDE and out.status in ("optimal", "stopped"):
                 return "certified", out.bound
             if out.status == "time_limit":
                 return "time_limit", None

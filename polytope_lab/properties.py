@@ -60,12 +60,14 @@ def verified(case: Case, bounds: Bounds, tol: float = 0.0) -> bool:
     return bool(refuted(case, bounds, tol).all())
 
 
-def satisfied(case: Case, y: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
+def satisfied(case: Case, y: torch.Tensor, tol: float = 0.0, strict: bool = False) -> torch.Tensor:
     """(N, n_disjuncts) bool: output ``y[n]`` ((N, n_outputs)) satisfies disjunct d, ``A_d y ≤ b_d + tol``
-    in every row (an unsafe output when its input lies in the case's box)."""
+    in every row (an unsafe output when its input lies in the case's box). ``strict``: ``<`` instead, for
+    a counterexample that must hold whether the file wrote ``<`` or ``<=`` (the parser reads both as ≤)."""
     y = torch.as_tensor(y).double().reshape(len(y), -1)
     cols = []
     for d in case.disjuncts:
         C, b = objective(d)
-        cols.append((y @ C.t() <= b + tol).all(1))
+        values = y @ C.t()
+        cols.append((values < b + tol if strict else values <= b + tol).all(1))
     return torch.stack(cols, 1) if cols else torch.zeros(len(y), 0, dtype=torch.bool)

@@ -122,6 +122,19 @@ def _check_bounds(lo, hi):
     return lo.clone(), hi.clone()  # the region must not change when the caller's tensors do
 
 
+def _widened_eps(x: torch.Tensor, eps: torch.Tensor, dtype, ord) -> tuple:
+    """(x, eps) cast to ``dtype`` with eps grown by how far the cast moved x (its ``ord`` norm) and rounded
+    up, so that the cast ball contains the original one (a cast to a wider dtype changes nothing)."""
+    x_new = x.to(dtype)
+    if x_new.dtype == x.dtype or not x_new.is_floating_point():
+        return x_new, eps.to(dtype)
+    wider = torch.promote_types(dtype, x.dtype)
+    moved = (x_new.to(wider) - x.to(wider)).reshape(len(x), -1)
+    gap = torch.linalg.vector_norm(moved, ord=ord, dim=1) if moved.shape[1] else moved.new_zeros(len(x))
+    total = torch.nextafter(eps.to(wider) + gap, torch.full_like(gap, math.inf))  # the sum rounded up
+    return x_new, _outward(total, dtype, False)
+
+
 def _outward(t: torch.Tensor, dtype, down: bool) -> torch.Tensor:
     """``t`` cast to ``dtype``, rounded outward (down for lower, up for upper bounds) so the cast box
     contains the original one."""
@@ -211,6 +224,7 @@ class LinfBall(Box):
             if ((self.x < lo - 1e-12) | (self.x > hi + 1e-12)).any():
                 raise ValueError(f"x lies outside the clip box {clip}")
             clip = (lo, hi)
+            self.x = self.x.clamp(lo, hi)  # x up to 1e-12 outside (rounding) moves in: the box is never empty
         self.clip = clip
         e = eps.reshape(-1, *([1] * (self.x.dim() - 1)))
         lo_, hi_ = self.x - e, self.x + e
@@ -236,7 +250,9 @@ class LinfBall(Box):
         return LinfBall(self.x[index], self.eps[index], self.clip)
 
     def to(self, device=None, dtype=None):
-        return LinfBall(self.x.to(device=device, dtype=dtype), self.eps.to(device=device, dtype=dtype), self.clip)
+        """On ``device`` in ``dtype``; a narrowing cast grows eps so the cast ball contains this one."""
+        x, eps = _widened_eps(self.x, self.eps, dtype or self.x.dtype, math.inf)
+        return LinfBall(x.to(device=device), eps.to(device=device), self.clip)
 
     def __repr__(self):
         return f"LinfBall(B={self.batch_size}, shape={self.input_shape}, eps={self.eps.tolist()[:4]}, clip={self.clip})"
@@ -269,7 +285,9 @@ class L2Ball(Region):
         return L2Ball(self.x[index], self.eps[index])
 
     def to(self, device=None, dtype=None):
-        return L2Ball(self.x.to(device=device, dtype=dtype), self.eps.to(device=device, dtype=dtype))
+        """On ``device`` in ``dtype``; a narrowing cast grows eps so the cast ball contains this one."""
+        x, eps = _widened_eps(self.x, self.eps, dtype or self.x.dtype, 2)
+        return L2Ball(x.to(device=device), eps.to(device=device))
 
     def contains(self, points, tol=1e-6):
         d = (points - self.x).reshape(points.shape[0], -1).norm(dim=1)

@@ -17,6 +17,8 @@ an ``unsat`` stays sound; ``=`` is two rows. Malformed files raise :class:`VNNLi
 """
 from __future__ import annotations
 
+from fractions import Fraction
+
 import math
 import re
 from dataclasses import dataclass, field
@@ -175,6 +177,9 @@ def _split(conj, sizes: dict, source: str):
         elif kinds == {"X"} and len(atom.coeffs) == 1:
             ((_, i), a), = atom.coeffs.items()
             bound = -atom.const / a
+            if a not in (1.0, -1.0) and Fraction(bound) != Fraction(-atom.const) / Fraction(a):
+                # the division rounded: widen by one step, so the box never shrinks
+                bound = float(np.nextafter(bound, np.inf if a > 0 else -np.inf))
             if a > 0 and bound < hi[i]:
                 hi[i], hi_line[i] = bound, atom.line
             elif a < 0 and bound > lo[i]:

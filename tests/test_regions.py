@@ -467,3 +467,26 @@ def test_box_runs_through_the_bounders(mlp):
         a, b = (pl.Bounder.create(name).bound(mlp, r) for r in (ball, box))
         torch.testing.assert_close(a.lower, b.lower)
         torch.testing.assert_close(a.upper, b.upper)
+
+
+@pytest.mark.parametrize("clip", [None, (0.0, 1.0)])
+def test_narrowing_cast_of_a_ball_contains_the_original(clip):
+    """A float64 ball given to a float32 network is cast: the cast ball must contain the original one
+    (eps grows by how far x moved, rounded up), never a slightly smaller set."""
+    x = torch.rand(4, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ball = pl.LinfBall(x, 0.0123456789, clip=clip)
+    cast = ball.to(dtype=torch.float32)
+    lo, hi = ball.box()
+    c_lo = torch.maximum(cast.x.double() - cast.eps.double()[:, None], torch.tensor(clip[0] if clip else -1e9))
+    c_hi = torch.minimum(cast.x.double() + cast.eps.double()[:, None], torch.tensor(clip[1] if clip else 1e9))
+    assert (c_lo <= lo).all() and (c_hi >= hi).all()
+    l2 = pl.L2Ball(x, 0.3).to(dtype=torch.float32)
+    assert (l2.eps.double() >= 0.3 + (l2.x.double() - x).norm(dim=1)).all()
+    same = ball.to(dtype=torch.float64)
+    assert torch.equal(same.eps, ball.eps) and torch.equal(same.x, ball.x)
+
+
+def test_a_centre_rounded_just_outside_the_clip_box_gives_a_nonempty_box():
+    ball = pl.LinfBall(torch.tensor([[-5e-13, 0.5]], dtype=torch.float64), 0.0, clip=(0.0, 1.0))
+    lo, hi = ball.box()
+    assert (lo <= hi).all() and (ball.radius >= 0).all()

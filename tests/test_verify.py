@@ -208,3 +208,21 @@ def test_certified_radius_works_with_any_bounder():
     assert all(r > 0 for r in l2)
     with pytest.raises(ValueError):
         verify.certified_radius(model, x, y, norm="l1")
+
+
+def test_certify_needs_a_bound_clear_of_the_solver_tolerance(monkeypatch):
+    """A margin row certified by the MILP needs a proven bound > DECIDE (1e-6): an "optimal" or "stopped"
+    bound within the solver's tolerance of 0 leaves the example undecided, never certified."""
+    from polytope_lab import solvers
+    from polytope_lab.milp import MILPBounder
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).double()
+    x = torch.rand(1, 2, dtype=torch.float64)
+    y = net(x).argmax(1)
+    region = pl.LinfBall(x, 0.5)
+    for outcome in (solvers.Outcome("optimal", bound=0.5e-6), solvers.Outcome("stopped", bound=1e-6)):
+        monkeypatch.setattr(solvers.HighsAdapter, "solve", lambda self, *a, _o=outcome, **k: _o)
+        cert = MILPBounder(threads=1, heuristic_steps=0).certify(net, region, y, trust_dual=False)
+        assert cert.status != ["certified"], (outcome, cert.status)
+    monkeypatch.setattr(solvers.HighsAdapter, "solve", lambda self, *a, **k: solvers.Outcome("optimal", bound=2e-6))
+    assert MILPBounder(threads=1, heuristic_steps=0).certify(net, region, y, trust_dual=False).status == ["certified"]

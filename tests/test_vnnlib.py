@@ -382,3 +382,20 @@ def test_distributing_and_over_or_is_bounded():
         parse_vnnlib(text, 2, 1)
     case, = parse_vnnlib(HEAD + BOX + "(assert (or (<= Y_0 1) (<= Y_0 2)))\n" * 3, 2, 1)
     assert len(case.disjuncts) == 8 and all(d.A.shape == (3, 1) for d in case.disjuncts)
+
+
+def test_a_rounded_division_never_shrinks_the_box():
+    """``0.1·X_0 ≤ 0.3`` is X_0 ≤ 3, but 0.3/0.1 rounds to 2.9999999999999996: the bound is widened."""
+    text = "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (>= (* 0.1 X_0) 0.1))\n" \
+           "(assert (<= (* 0.1 X_0) 0.3))\n(assert (<= Y_0 0))\n"
+    case = parse_vnnlib(text, 1, 1)[0]
+    assert case.hi[0] >= 3.0 and case.lo[0] <= 1.0
+
+
+def test_strict_satisfaction_rejects_ties():
+    case = parse_vnnlib("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+                        "(assert (>= X_0 0))\n(assert (<= X_0 1))\n(assert (< Y_0 Y_1))\n", 1, 2)[0]
+    tie, below = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert properties.satisfied(case, tie).tolist() == [[True]]          # read as ≤ (sound for unsat)
+    assert properties.satisfied(case, tie, strict=True).tolist() == [[False]]
+    assert properties.satisfied(case, below, strict=True).tolist() == [[True]]
