@@ -22,13 +22,17 @@ __all__ = [
     "fgsm", "pgd", "pgd_minimize",
     "robust_loss", "train",
     "Network", "from_torch", "register_layer",
-    "load_onnx", "read_vnnlib", "verify_property",
+    "load_onnx", "read_vnnlib", "verify_property", "verify_dataset",
 ]
 
 
 def __getattr__(name):
-    """``load_onnx`` on first use: importing the onnx package costs about half a second."""
+    """``load_onnx`` and ``verify_dataset`` on first use: importing the onnx package or dask.distributed
+    costs a fraction of a second."""
     if name == "load_onnx":
         from .onnx import load_onnx
         return load_onnx
+    if name == "verify_dataset":
+        from .dataset import verify_dataset
+        return verify_dataset
     raise AttributeError(f"module 'polytope_lab' has no attribute {name!r}")

@@ -49,8 +49,9 @@ def _decode_key(text: str):
 class ResultStore:
     """Keyed JSON records in table ``table`` of the SQLite file ``path`` (created with its folder).
 
-    ``get(key, default)``, ``put(key, record)``, ``key in store``, ``len``, ``keys()``, ``items()``,
-    ``records()``, ``frame()`` (a DataFrame), ``delete(key)``, ``clear()``; a context manager that closes.
+    ``get(key, default)``, ``put(key, record)``, ``put_many(items)`` (one transaction), ``key in store``,
+    ``len``, ``keys()``, ``items(prefix=None)`` (all, or the keys that start with ``prefix``), ``records()``,
+    ``frame()`` (a DataFrame), ``delete(key)``, ``clear()``; a context manager that closes.
     A one-part key reads back as the part itself, a longer one as a tuple.
     """
 
@@ -72,6 +73,13 @@ class ResultStore:
         with self._db:
             self._db.execute(f'INSERT INTO "{self.table}" (key, record) VALUES (?, ?) '
                              "ON CONFLICT(key) DO UPDATE SET record = excluded.record", (_encode_key(key), text))
+
+    def put_many(self, items) -> None:
+        """Store every ``(key, record)`` of ``items`` in one transaction: all of them or, on a crash, none."""
+        rows = [(_encode_key(key), json.dumps(record, allow_nan=True, default=_plain)) for key, record in items]
+        with self._db:
+            self._db.executemany(f'INSERT INTO "{self.table}" (key, record) VALUES (?, ?) '
+                                 "ON CONFLICT(key) DO UPDATE SET record = excluded.record", rows)
 
     def delete(self, key) -> bool:
         """Remove ``key``'s record; whether there was one."""
@@ -95,9 +103,15 @@ class ResultStore:
     def __len__(self) -> int:
         return self._db.execute(f'SELECT COUNT(*) FROM "{self.table}"').fetchone()[0]
 
-    def items(self) -> list:
-        """(key, record) pairs in the order the keys were first stored."""
-        rows = self._db.execute(f'SELECT key, record FROM "{self.table}" ORDER BY id').fetchall()
+    def items(self, prefix=None) -> list:
+        """(key, record) pairs in the order the keys were first stored; with ``prefix`` (a tuple of key
+        parts, or one part) only the keys longer than it that start with it."""
+        if prefix is None:
+            rows = self._db.execute(f'SELECT key, record FROM "{self.table}" ORDER BY id').fetchall()
+        else:
+            start = _encode_key(prefix)[:-1] + ","  # '["a",1]' -> '["a",1,': the encoding of every longer key
+            rows = self._db.execute(f'SELECT key, record FROM "{self.table}" WHERE substr(key, 1, ?) = ? ORDER BY id',
+                                    (len(start), start)).fetchall()
         return [(_decode_key(k), json.loads(r)) for k, r in rows]
 
     def keys(self) -> list:
