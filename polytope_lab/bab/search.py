@@ -30,7 +30,7 @@ import torch
 
 from .leaves import attack, leaf_slack, row_maximum, solve_leaf
 from ..dual.intermediate import intermediate_bounds
-from ..dual.splits import split_dual
+from ..dual.splits import split_dual, tightened_bounds
 from ..regions import Box
 
 #: a float64 dual bound decides a sign only when it is above this (its rounding error is ~1e-12 here)
@@ -50,7 +50,7 @@ class Settings:
     split: str = "relu"
     max_memory: int = 2 ** 30
     tolerance: float = 1e-5
-    steps: int = 8
+    steps: int = 4
     root_steps: int = 30
     attack_steps: int = 50
     attack_restarts: int = 4
@@ -81,6 +81,8 @@ class Search:
         self.lo, self.hi = lo.reshape(-1), hi.reshape(-1)
         with torch.no_grad():
             self.root = intermediate_bounds(net, region)
+        if settings.root_steps:
+            self.root = tightened_bounds(net, region, self.root, settings.root_steps, settings.lr)
         self.shapes = [l.shape[1:] for l, _ in self.root]
         self.sizes = [int(np.prod(s)) if len(s) else 1 for s in self.shapes]
         split = settings.split
