@@ -31,15 +31,17 @@ def _setup(kind, eps=0.3, batch=2, clip=None):
     return net, region, bounds
 
 
-def _random_signs(bounds, seed, p=0.5):
-    """Random splits on unstable units only (as branch and bound makes them)."""
+def _random_signs(net, region, bounds, seed, p=0.5):
+    """Splits on a random share ``p`` of the unstable units (as branch and bound makes them), with the signs
+    of a random point of the region (so the subdomain is not empty)."""
     g = torch.Generator().manual_seed(seed)
+    lo, hi = region.box()
+    with torch.no_grad():
+        pre = net.pre_activations(lo + (hi - lo) * torch.rand(lo.shape, generator=g, dtype=lo.dtype))
     out = []
-    for l, u in bounds:
-        unstable = (l < 0) & (u > 0)
-        pick = (torch.rand(l.shape, generator=g) < p) & unstable
-        sign = torch.where(torch.rand(l.shape, generator=g) < 0.5, 1, -1)
-        out.append(torch.where(pick, sign, 0).to(torch.int8))
+    for (l, u), z in zip(bounds, pre):
+        pick = (torch.rand(l.shape, generator=g) < p) & (l < 0) & (u > 0)
+        out.append(torch.where(pick, torch.where(z.reshape(l.shape) >= 0, 1, -1), 0).to(torch.int8))
     return out
 
 
@@ -56,7 +58,7 @@ def test_no_splits_beta_zero_is_the_dual_bound(kind):
 @pytest.mark.parametrize("kind", list(NETS))
 def test_split_bounds_clip_at_zero(kind):
     net, region, bounds = _setup(kind)
-    signs = _random_signs(bounds, 0)
+    signs = _random_signs(net, region, bounds, 0)
     for (l, u), (lc, uc), s in zip(bounds, split_bounds(bounds, signs), signs):
         assert (lc[s > 0] >= 0).all() and (uc[s < 0] <= 0).all()
         assert torch.equal(lc[s == 0], l[s == 0]) and torch.equal(uc[s == 0], u[s == 0])
@@ -68,7 +70,7 @@ def test_every_alpha_beta_is_sound_on_its_subdomain(kind, seed, clip):
     """Random α ∈ [0,1] and β ≥ 0 (large too): every bound lies below the objective at every sampled point
     of the region whose activation signs agree with the splits."""
     net, region, bounds = _setup(kind, eps=0.4, clip=(0.0, 1.0) if clip else None)
-    signs = _random_signs(bounds, seed)
+    signs = _random_signs(net, region, bounds, seed)
     g = torch.Generator().manual_seed(seed)
     B, K = region.batch_size, 3
     C = torch.randn(B, K, net.output_size, dtype=torch.float64, generator=g)
@@ -97,7 +99,7 @@ def test_every_alpha_beta_is_sound_on_its_subdomain(kind, seed, clip):
 def test_beta_tightens_a_split_subdomain():
     """On a subdomain with splits, optimising β (and α) gives a bound at least the α-only bound's."""
     net, region, bounds = _setup("mlp", eps=0.5)
-    signs = _random_signs(bounds, 3, p=0.7)
+    signs = _random_signs(net, region, bounds, 3, p=0.7)
     C = torch.randn(2, 3, net.output_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     start = split_dual(net, region, bounds, signs, C, steps=0).lower
     out = split_dual(net, region, bounds, signs, C, steps=30)
