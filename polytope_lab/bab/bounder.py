@@ -130,7 +130,7 @@ class BaBBounder(Bounder):
         for b in range(B):
             start = time.perf_counter()
             rows = C[b].unsqueeze(1)
-            centre = reg64.project(reg64.x[b:b + 1])
+            centre = reg64.select([b]).project(reg64.x[b:b + 1])
             at = row_maximum(net64, centre.expand(len(rows), *shape), rows, torch.zeros(len(rows), 1,
                                                                                        dtype=torch.float64))
             if float(at.min()) <= 0:
