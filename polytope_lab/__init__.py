@@ -3,7 +3,7 @@
 The names here are the user API; everything else is importable from its module (``polytope_lab.dual``,
 ``polytope_lab.milp``, ``polytope_lab.relaxation``, ...). Importing the package registers every backend.
 """
-from . import dual, interval, lp, milp  # noqa: F401  (registers the backends "dual", "interval", "lp", "milp")
+from . import bab, dual, interval, lp, milp  # noqa: F401  (registers "bab", "dual", "interval", "lp", "milp")
 from .attacks import fgsm, pgd, pgd_minimize
 from .bounds import Bounder, Bounds, Certification, EstimatedBounds, margin_matrix
 from .checks import cross_check

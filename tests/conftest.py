@@ -70,6 +70,8 @@ BOUNDER_VARIANTS = {
     "lp": [("lp", {}), ("lp-all", {"intermediate": "lp"})],
     # one solver thread: the contract nets are tiny (CBC, time limits, progressive: see test_milp.py)
     "milp": [("milp", {"threads": 1})],
+    # branch and bound: ReLU splits on every net (input bisection is exponential in the input count)
+    "bab": [("bab", {"split": "relu", "attack_steps": 20})],
 }
 
 
@@ -77,7 +79,7 @@ BOUNDER_VARIANTS = {
 #: (``relaxation.SOLVER_TOLERANCE``: HiGHS primal/dual feasibility 1e-7, MIP feasibility 1e-6): two
 #: independent solves of one problem, or of its negation, agree to ``relaxation.solver_slack`` (10× the MIP
 #: feasibility tolerance, relative to max(1, |value|)), not to float64 rounding
-SOLVER_BACKENDS = ("lp", "milp")
+SOLVER_BACKENDS = ("lp", "milp", "bab")
 SOLVER_AGREEMENT = {"rtol": relaxation.solver_slack(0.0), "atol": relaxation.solver_slack(0.0)}
 EXACT_ARITHMETIC_AGREEMENT = {"rtol": 1e-6, "atol": 1e-7}
 

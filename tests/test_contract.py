@@ -68,7 +68,7 @@ NETS = {"mlp-4-8-8-3": _mlp, "conv-1x6x6": _conv, "zoo-mlp": _zoo_mlp, "zoo-conv
 #: the nets of the exact backends (a solver run per case) and of the others
 EXACT_NETS = ("mlp-4-8-8-3", "conv-1x4x4", "zoo-mlp", "input-skip")
 FAST_NETS = tuple(n for n in NETS if n != "conv-1x4x4")
-EXACT_BACKENDS = ("lp", "milp")
+EXACT_BACKENDS = ("lp", "milp", "bab")
 
 
 def nets_for(test_id: str) -> tuple:

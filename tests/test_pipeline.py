@@ -21,6 +21,13 @@ from polytope_lab.milp import MILPBounder, PointSearch
 from polytope_lab.pipeline import check_counterexample, exact_backend, verify_property
 from polytope_lab.vnnlib import Case, Disjunct, Property
 
+
+@pytest.fixture(autouse=True)
+def _milp_is_the_exact_backend(monkeypatch):
+    """These tests hold the pipeline to the MILP's answers (several replace its find_point); the branch and
+    bound backend, preferred when registered, is run through the same properties in tests/test_bab.py."""
+    monkeypatch.delitem(pl.Bounder.registry, "bab", raising=False)
+
 LO, HI = np.zeros(2), np.ones(2)
 
 

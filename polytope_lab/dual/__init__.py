@@ -15,6 +15,7 @@ Modules, bottom up:
   forward frontier and backward rows that jump through it; ``strategy`` keeps the pure routes);
 - ``chunked``: the exact intermediate bounds in chunks of columns, over several devices;
 - ``alpha``: :func:`optimize_alpha`, projected gradient ascent on α;
+- ``splits``: :func:`split_dual`, branch-and-bound subdomains: split multipliers β with α, batched;
 - ``bounder``: :class:`DualBounder`.
 Every route evaluates the same formula, so they agree to rounding.
 """
@@ -24,6 +25,7 @@ from .bounder import DualBounder
 from .chunked import column_chunked_bounds
 from .intermediate import intermediate_bounds
 from .relu import relu_slopes, relu_terms
+from .splits import split_dual
 
 __all__ = ["DualBounder", "intermediate_bounds", "dual_objective", "optimize_alpha",
-           "column_chunked_bounds", "relu_slopes", "relu_terms"]
+           "column_chunked_bounds", "relu_slopes", "relu_terms", "split_dual"]

@@ -58,7 +58,7 @@ def _relu_step(l: torch.Tensor, u: torch.Tensor, omega_hat: torch.Tensor, alpha=
 
 
 def backward(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, alpha=None,
-             frontier=None):
+             frontier=None, splits=None, record=None):
     """Bounds on ``rowsᵀ ẑ`` at the output of affine ``top`` from the dual network (eqs. 22–23).
 
     rows: (B, m, *out_shape of affine top). bounds: (l, u) of the ReLU layers below ``top``. alpha:
@@ -66,8 +66,16 @@ def backward(network: Network, region: Region, bounds: list, rows: torch.Tensor,
     ``top``, (B, m, *shape), giving (lower, None). frontier: a forward frontier at some layer s ≤ top
     (sequential networks): the pass stops at layer s and takes the rest of the dual network (with the
     fixed α) from the frontier's columns.
+
+    splits (branch and bound, :mod:`.splits`): one ``(s, β)`` or None per ReLU layer below ``top``, s the
+    split signs (B, *shape) in {−1, 0, +1} and β ≥ 0 (B, m, *shape): the Lagrangian term ``−Σ β s ẑ`` of
+    the split constraints ``s ẑ ≥ 0`` adds ``−β∘s`` to ω on those pre-activations (``+β∘s`` to ν) before
+    ``ν̂ = Wᵀν``; lower bound only, no frontier. record: a list that receives ω̂_i of every affine i passed
+    (top first, ω̂_1 on the input last), for branching scores and relaxation minimisers.
     """
     B, m = rows.shape[:2]
+    if splits is not None and (alpha is None or frontier is not None):
+        raise ValueError("splits need an explicit alpha (lower bound only) and no frontier")
     if frontier is not None and frontier.layer == 0:
         frontier = None  # A_1's own transpose is cheaper than its dense columns
     stop = -1 if frontier is None else frontier.layer
@@ -78,9 +86,14 @@ def backward(network: Network, region: Region, bounds: list, rows: torch.Tensor,
     incoming = {}
     for i in range(top, stop, -1):
         J, omega_hat = _affine_step(network, i, omega, J, incoming)
+        if record is not None:
+            record.append(omega_hat)
         if i == 0:
             break
         omega, lo, up = _relu_step(*bounds[i - 1], omega_hat, None if alpha is None else alpha[i - 1])
+        if splits is not None and splits[i - 1] is not None:
+            s, beta = splits[i - 1]
+            omega = omega - beta.reshape(omega.shape) * s.reshape(B, 1, *omega.shape[2:])
         relu_lo = relu_lo + lo
         if alpha is None:
             relu_up = relu_up + up

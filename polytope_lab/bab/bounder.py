@@ -1,0 +1,205 @@
+"""The branch-and-bound backend: :class:`BaBBounder` (``Bounder.create("bab", ...)``), exact like the MILP.
+
+Everything runs on a float64 CPU copy of the network (as the MILP's solver does): the guarantee is for the
+network's weights evaluated in exact arithmetic, and a float64 dual bound decides only above
+``BOUND_TOL`` (docs/bab.md).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from .leaves import row_maximum
+from .search import BRANCHING, SPLITS, Search, Settings
+from ..bounds import Bounder, Bounds, Certification, certified_labels, check_objective, error_status, margin_matrix
+from ..milp import PointSearch
+from ..network import Network
+from ..regions import Box, LinfBall
+from ..solvers import Budget
+
+
+def _progress(enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(desc=desc, unit="subdomain", leave=False)
+
+
+class BaBBounder(Bounder):
+    """Exact bounds and verdicts by branch and bound over ReLU splits (or input coordinates), each
+    subdomain bounded by the dual network with split multipliers β (:func:`polytope_lab.dual.split_dual`).
+
+    Options: ``time_limit`` seconds per example (None: none); ``batch`` subdomains bounded per step;
+    ``branching`` "babsr" | "widest"; ``split`` "auto" (input coordinates for ≤ 8 inputs, else ReLUs) |
+    "relu" | "input"; ``max_memory`` bytes for stored subdomains (their cap; status "memory_limit" when it
+    binds); ``progress`` a tqdm bar per example; ``tolerance`` of ``bound``'s minima (relative to
+    max(1, |value|)); ``steps``/``root_steps`` α/β steps per subdomain batch and at the root;
+    ``attack_steps``/``attack_restarts`` for the PGD attack before branching; ``device`` (ignored: the
+    search runs on the CPU in float64).
+
+    ``bound``: status "optimal" (lower ≥ the minimum − tolerance, the minimum attained within it), else
+    "time_limit"/"memory_limit" with the minimum over the open subdomains (sound). ``certify`` decides
+    each margin's sign and stops there; ``find_point`` decides a conjunction ``A f ≤ b`` (the pipeline's
+    exact stage).
+    """
+
+    name = "bab"
+    supported_regions = (LinfBall, Box)
+
+    def __init__(self, time_limit=None, batch=256, branching="babsr", split="auto", max_memory=2 ** 30,
+                 progress=False, tolerance=1e-5, steps=4, root_steps=30, attack_steps=50, attack_restarts=4,
+                 device=None):
+        super().__init__(device=device)
+        if time_limit is not None and not (float(time_limit) > 0):
+            raise ValueError(f"time_limit must be None or > 0 seconds, got {time_limit!r}")
+        if branching not in BRANCHING:
+            raise ValueError(f"branching must be one of {BRANCHING}, got {branching!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if int(batch) < 2 or not float(max_memory) > 0 or not float(tolerance) > 0:
+            raise ValueError("batch must be >= 2, max_memory and tolerance > 0")
+        if int(steps) < 0 or int(root_steps) < 0 or int(attack_steps) < 0 or int(attack_restarts) < 1:
+            raise ValueError("steps, root_steps, attack_steps must be >= 0 and attack_restarts >= 1")
+        self.time_limit = None if time_limit is None else float(time_limit)
+        self.progress = bool(progress)
+        self.settings = Settings(int(batch), branching, split, int(max_memory), float(tolerance), int(steps),
+                                 int(root_steps), int(attack_steps), int(attack_restarts))
+
+    def _search(self, net64, region64, C, offset, decide, budget, desc):
+        bar = _progress(self.progress, desc)
+        try:
+            return Search(net64, region64, C, offset, decide, self.settings, budget, bar).run()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    @staticmethod
+    def float64(network: Network, region: Box):
+        cpu = dict(device="cpu", dtype=torch.float64)
+        with torch.no_grad():
+            return network.to(**cpu), region.to(**cpu)
+
+    # ---------------------------------------------------------------- bound
+
+    def _bound(self, network, region, C):
+        net64, reg64 = self.float64(network, region)
+        C64 = C.detach().to(device="cpu", dtype=torch.float64)
+        B, m = C.shape[:2]
+        lower, upper = torch.zeros(B, m, dtype=torch.float64), torch.zeros(B, m, dtype=torch.float64)
+        statuses, layers = [], []
+        for b in range(B):
+            rows = torch.cat([C64[b], -C64[b]]).unsqueeze(1)                 # min c f, then min −c f
+            search = self._search(net64, reg64.select([b]), rows, torch.zeros(2 * m, 1, dtype=torch.float64),
+                                  False, Budget(self.time_limit), f"bab bound {b}")
+            low = search.lower()
+            lower[b], upper[b] = low[:m], -low[m:]
+            failed = set(search.failed.values())
+            if search.open_problems():
+                statuses.append(search.limit_status())
+            elif failed:
+                statuses.append("time_limit" if failed == {"time_limit"} else error_status("a leaf LP failed"))
+            else:
+                statuses.append("optimal")
+            layers.append(search.root)
+        dt, dev = region.x.dtype, region.x.device
+        intermediate = [tuple(torch.cat([ex[j][k] for ex in layers]).to(device=dev, dtype=dt) for k in range(2))
+                        for j in range(network.n_relu_layers)]
+        return Bounds(lower.to(device=dev, dtype=dt), upper.to(device=dev, dtype=dt), intermediate, statuses,
+                      method="bab")
+
+    # ---------------------------------------------------------------- certify
+
+    def certify(self, model, region: Box, y=None) -> Certification:
+        """Is every point of ``region`` classified as ``y`` (None: the prediction at the centre)? Per
+        example the margins ``f_y − f_j`` are searched together, each closing once its lower bound is
+        > ``BOUND_TOL``; a point of the region with some margin ≤ 0 on the float64 network is a
+        counterexample (and ends the example). "certified" only when every margin closed."""
+        network, region = self.prepare(model, region)
+        y = certified_labels(network, region, y)
+        B, shape = region.batch_size, network.input_shape
+        dt, dev = region.x.dtype, region.x.device
+        net64, reg64 = self.float64(network, region)
+        C = check_objective(margin_matrix(y, network.output_size), net64, reg64)
+        margin = torch.full((B,), -math.inf, dtype=torch.float64)
+        cex = torch.full((B, *shape), math.nan, dtype=torch.float64)
+        cex_margin = torch.full((B,), math.nan, dtype=torch.float64)
+        statuses, seconds = [], []
+        for b in range(B):
+            start = time.perf_counter()
+            rows = C[b].unsqueeze(1)
+            centre = reg64.select([b]).project(reg64.x[b:b + 1])
+            at = row_maximum(net64, centre.expand(len(rows), *shape), rows, torch.zeros(len(rows), 1,
+                                                                                       dtype=torch.float64))
+            if float(at.min()) <= 0:
+                statuses.append("counterexample")
+                cex[b], cex_margin[b] = centre[0], float(at.min())
+            else:
+                search = self._search(net64, reg64.select([b]), rows, torch.zeros(len(rows), 1, dtype=torch.float64),
+                                      True, Budget(self.time_limit), f"bab certify {b}")
+                statuses.append(self._verdict(search, net64, C[b], b, cex, cex_margin))
+                margin[b] = float(search.lower().min())
+            seconds.append(time.perf_counter() - start)
+        return Certification(statuses, margin.to(device=dev, dtype=dt), cex.to(device=dev, dtype=dt),
+                             cex_margin.to(device=dev, dtype=dt), y, seconds, method="bab")
+
+    @staticmethod
+    def _verdict(search: Search, net64, rows, b, cex, cex_margin) -> str:
+        """One example's verdict from its margins' search; a counterexample is re-run on the network."""
+        for p, state in enumerate(search.state):
+            if state == "found":
+                x = search.U_x[p].reshape(1, *net64.input_shape)
+                with torch.no_grad():
+                    value = float((rows @ net64(x)[0]).min())
+                if value <= 0 and bool(search.region.contains(x).all()):   # the witness check
+                    cex[b], cex_margin[b] = x[0], value
+                    return "counterexample"
+                return error_status("a counterexample failed the witness check")
+        if search.open_problems():
+            return search.limit_status() if search.limit_status() == "time_limit" else "unknown"
+        if any(s.startswith("error") for s in search.failed.values()):
+            return error_status("a leaf LP failed")
+        if search.failed or any(state == "unknown" for state in search.state):
+            return "time_limit" if "time_limit" in search.failed.values() else "unknown"
+        return "certified"
+
+    # ---------------------------------------------------------------- a conjunction, jointly
+
+    def find_point(self, model, region: Box, A, b, time_limit=None) -> PointSearch:
+        """Is there ``x'`` in ``region`` (one example) with ``A f(x') ≤ b`` in every row jointly? Branch and
+        bound on ``max_k (A_k f − b_k)``: "refuted" once every subdomain has a row whose lower bound is
+        > ``BOUND_TOL`` (``bound``: the proven minimum), "found" with a point checked on the float64
+        network (value ≤ 0), else "time_limit"/"unknown" (the minimum is 0 within a leaf's tolerance).
+        Same answer as :meth:`MILPBounder.find_point`."""
+        network, region = self.prepare(model, region)
+        if region.batch_size != 1:
+            raise ValueError(f"find_point takes a region of one example, got {region.batch_size}")
+        net64, reg64 = self.float64(network, region)
+        A = check_objective(A, net64, reg64)
+        b64 = torch.as_tensor(np.asarray(b, dtype=np.float64)).reshape(-1)
+        if A.shape[1] == 0 or len(b64) != A.shape[1] or not torch.isfinite(b64).all():
+            raise ValueError(f"b must hold one finite value per row of A ({A.shape[1]} >= 1), got {tuple(b64.shape)}")
+        limit = self.time_limit if time_limit is None else time_limit
+        search = self._search(net64, reg64, A, b64.reshape(1, -1), True, Budget(limit), "bab find_point")
+        bound = float(search.lower()[0])
+        if search.state[0] == "found":
+            x = search.U_x[0]
+            value = float(row_maximum(net64, x.reshape(1, *net64.input_shape), A, b64.reshape(1, -1))[0])
+            if value <= 0 and bool(reg64.contains(x.reshape(1, *net64.input_shape)).all()):
+                return PointSearch("found", bound, x.numpy().copy(), value)
+            return PointSearch(error_status("a point failed the witness check"))
+        last = {} if search.U_x[0] is None else dict(point=search.U_x[0].numpy().copy(), value=float(search.U[0]))
+        if search.open_problems():
+            return PointSearch("time_limit", bound, **last)
+        if any(s.startswith("error") for s in search.failed.values()):
+            return PointSearch(error_status("a leaf LP failed"), bound, **last)
+        if search.failed:
+            return PointSearch("time_limit", bound, **last)
+        if search.state[0] == "unknown":
+            return PointSearch("unknown", bound, **last)
+        return PointSearch("refuted", bound)
+
+
+__all__ = ["BaBBounder"]

@@ -1,0 +1,109 @@
+"""Branch and bound (polytope_lab.bab): exact minima equal the MILP's and a dense grid's on small nets,
+certify verdicts equal the MILP's, a time limit gives a sound bound with its status, find_point through
+the pipeline."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import polytope_lab as pl
+from polytope_lab.vnnlib import Case, Disjunct
+
+from conftest import make_convnet, make_mlp, make_resnet, n_examples, pgd_extremes, random_inputs
+
+NETS = {
+    "mlp": lambda: (make_mlp([3, 10, 10, 3], seed=0), (3,)),
+    "conv": lambda: (make_convnet((1, 4, 4), channels=(2, 2), n_out=3, seed=0), (1, 4, 4)),
+    "resnet": lambda: make_resnet("mlp"),
+}
+
+
+def _bab(**options):
+    return pl.Bounder.create("bab", attack_steps=20, **options)
+
+
+@settings(max_examples=n_examples(4), deadline=None)
+@given(kind=st.sampled_from(list(NETS)), seed=st.integers(0, 1000), clip=st.booleans())
+def test_bab_minima_equal_the_milp(kind, seed, clip):
+    model, shape = NETS[kind]()
+    x = random_inputs(shape, batch=1, seed=seed)
+    region = pl.LinfBall(x, 0.3, clip=(0.0, 1.0) if clip else None)
+    n_out = model(x).shape[1]
+    C = torch.randn(2, n_out, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    b = _bab(split="relu").bound(model, region, C)
+    m = pl.Bounder.create("milp", threads=1).bound(model, region, C)
+    assert b.status == ["optimal"] and m.status == ["optimal"]
+    torch.testing.assert_close(b.lower, m.lower, rtol=3e-5, atol=3e-5)
+    torch.testing.assert_close(b.upper, m.upper, rtol=3e-5, atol=3e-5)
+    lo, hi = pgd_extremes(model, region, C)                  # attained values: never passed
+    assert (b.lower <= lo + 1e-9).all() and (b.upper >= hi - 1e-9).all()
+
+
+def test_bab_equals_a_dense_grid_on_a_2d_net():
+    """2 inputs: input bisection (split="auto") and ReLU splits both give the grid's minimum (the grid
+    misses it by at most its Lipschitz slack)."""
+    model = make_mlp([2, 12, 12, 2], seed=3)
+    x = torch.tensor([[0.2, -0.1]], dtype=torch.float64)
+    region = pl.LinfBall(x, 0.5)
+    g = torch.linspace(-0.5, 0.5, 401, dtype=torch.float64)
+    grid = torch.cartesian_prod(g, g) + x
+    with torch.no_grad():
+        values = model(grid)
+    for split in ("auto", "relu"):
+        b = _bab(split=split).bound(model, region)
+        assert b.status == ["optimal"]
+        assert (b.lower[0] <= values.min(0).values + 1e-9).all()
+        assert (b.lower[0] >= values.min(0).values - 2e-2).all()
+        assert (b.upper[0] >= values.max(0).values - 1e-9).all()
+
+
+def test_certify_verdicts_equal_the_milp():
+    model, shape = NETS["mlp"]()
+    x = random_inputs(shape, batch=6, seed=5)
+    for eps in (0.05, 0.2):
+        region = pl.LinfBall(x, eps)
+        b = _bab().certify(model, region)
+        m = pl.Bounder.create("milp", threads=1).certify(model, region)
+        assert b.status == m.status
+        for i, s in enumerate(b.status):
+            if s == "counterexample":       # the witness: in the region, misclassified on the network
+                point = b.counterexample[i:i + 1]
+                assert region.select([i]).contains(point).all()
+                assert model(point).argmax(1).item() != b.y[i].item() or b.counterexample_margin[i] <= 0
+
+
+def test_a_time_limit_gives_a_sound_bound_and_its_status():
+    model = make_mlp([20, 60, 60, 5], seed=1)
+    x = random_inputs((20,), batch=1, seed=2)
+    region = pl.LinfBall(x, 0.5)
+    b = _bab(time_limit=0.3, split="relu").bound(model, region)
+    assert b.status == ["time_limit"]
+    lo, hi = pgd_extremes(model, region)
+    assert (b.lower <= lo + 1e-9).all() and (b.upper >= hi - 1e-9).all()
+    d = pl.Bounder.create("dual").bound(model, region)
+    assert (b.lower >= d.lower - 1e-9).all()
+
+
+def test_find_point_through_the_pipeline():
+    """A conjunction satisfiable row by row but not jointly is unsat; a reachable one is sat, with a
+    counterexample that the pipeline re-checked on the float64 network."""
+    model = make_mlp([2, 8, 2], seed=0)
+    box = pl.Box(torch.full((1, 2), -1.0, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64))
+    m = pl.Bounder.create("milp", threads=1).bound(model, box)
+    lo, hi = m.lower[0, 0].item(), m.upper[0, 0].item()
+    c = (lo + hi) / 2
+    case = lambda A, b: [Case(-torch.ones(2).double().numpy(), torch.ones(2).double().numpy(),  # noqa: E731
+                              [Disjunct(torch.tensor(A).double().numpy(), torch.tensor(b).double().numpy())])]
+    r = pl.verify_property(model, case([[1.0, 0], [-1.0, 0]], [c, -(c + 1e-3)]), 10, stages=("exact",), exact="bab")
+    assert r.verdict == "unsat" and r.stage == "bab"
+    r = pl.verify_property(model, case([[1.0, 0]], [lo + 1e-4]), 10, stages=("exact",), exact="bab")
+    assert r.verdict == "sat" and r.stage == "bab"
+    with torch.no_grad():
+        assert model(torch.from_numpy(r.counterexample.x).reshape(1, 2))[0, 0] <= lo + 1e-4
+
+
+@pytest.mark.parametrize("option", [{"branching": "x"}, {"split": "y"}, {"batch": 1}, {"time_limit": 0}])
+def test_bad_options_are_value_errors(option):
+    with pytest.raises(ValueError):
+        pl.Bounder.create("bab", **option)
