@@ -48,6 +48,8 @@ class BaBBounder(Bounder):
 
     name = "bab"
     supported_regions = (LinfBall, Box)
+    #: subdomains bounded by every search of this process so far (a tally the benchmarks read)
+    subdomains_bounded = 0
 
     def __init__(self, time_limit=None, batch=256, branching="babsr", split="auto", max_memory=2 ** 30,
                  progress=False, tolerance=1e-5, steps=4, root_steps=30, attack_steps=50, attack_restarts=4,
@@ -71,7 +73,9 @@ class BaBBounder(Bounder):
     def _search(self, net64, region64, C, offset, decide, budget, desc):
         bar = _progress(self.progress, desc)
         try:
-            return Search(net64, region64, C, offset, decide, self.settings, budget, bar).run()
+            search = Search(net64, region64, C, offset, decide, self.settings, budget, bar).run()
+            BaBBounder.subdomains_bounded += search.visited
+            return search
         finally:
             if bar is not None:
                 bar.close()
