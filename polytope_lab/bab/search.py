@@ -147,23 +147,34 @@ class Search:
         roots = [Node(p, -math.inf, lo=self.lo, hi=self.hi) if self.input_mode else
                  Node(p, -math.inf, signs=torch.zeros(sum(self.sizes), dtype=torch.int8)) for p in range(P)]
         self.bound(roots, 0 if self.decide else self.s.root_steps)
-        if self.decide:   # cheapest first: the fixed-α dual, then optimised α/β, then tightened intermediate bounds
-            for tighten in (False, True):
-                if not self.heap or self.budget.expired:
-                    break
-                if tighten:
-                    self.tighten()
-                roots = [heapq.heappop(self.heap)[2] for _ in range(len(self.heap))]
-                self.bound(roots, self.s.root_steps)   # each root keeps the best of its sound bounds
+        if self.decide:   # cheapest first: fixed-α dual, optimised α/β, the attack, then tightened bounds
+            self.root_stage(False)
+            self.run_attack()
+            self.root_stage(True)
+        else:
+            self.run_attack()
+        while self.heap and not (self.found or self.budget.expired or self.memory_hit):
+            self.step()
+        return self
+
+    def root_stage(self, tighten: bool):
+        """Re-bound the open roots with ``root_steps`` of α/β (``tighten``: on tightened intermediate bounds
+        first); each keeps the best of its sound bounds. Skipped once decided or out of time."""
+        if not self.heap or self.found or self.budget.expired:
+            return
+        if tighten:
+            self.tighten()
+        roots = [heapq.heappop(self.heap)[2] for _ in range(len(self.heap))]
+        self.bound(roots, self.s.root_steps)
+
+    def run_attack(self):
+        """PGD with restarts on the problems with open subdomains; its points are offered as incumbents."""
         open_p = sorted({n.p for _, _, n in self.heap})
-        if open_p and self.s.attack_steps and not self.budget.expired:
+        if open_p and self.s.attack_steps and not self.found and not self.budget.expired:
             values, points = attack(self.net, self.lo, self.hi, self.C[open_p], self.offset[open_p],
                                     self.s.attack_steps, self.s.attack_restarts)
             for p, v, x in zip(open_p, values.tolist(), points):
                 self.offer(p, v, x)
-        while self.heap and not (self.found or self.budget.expired or self.memory_hit):
-            self.step()
-        return self
 
     def pop(self, count: int) -> list:
         """Up to ``count`` open subdomains with the smallest lower bounds (closing those now settled)."""
