@@ -15,8 +15,11 @@ result store ``<out>/results.sqlite``, table ``benchmark``):
   g. robust training steps, exact against random projections, h. peak memory of the exact bound against
      the batch size, with and without chunking: see ``benchmark_scaling``;
   i. skip connections: soundness against the MILP and speed, both libraries: see ``benchmark_skip``;
-  j. MILP certify of a test set on a Dask cluster, 1 against 2 worker processes: see ``benchmark_cluster``.
-``--parts`` picks the parts (default all but j, which starts worker processes on every core).
+  j. MILP certify of a test set on a Dask cluster, 1 against 2 worker processes: see ``benchmark_cluster``;
+  l. branch and bound against the MILP (mnistfc, PGD-trained and pretrained ConvNets, the tightness MLP), the
+     same time limit per example, resumable (``--resume``): see ``benchmark_bab``.
+``--parts`` picks the parts (default all but j, which starts worker processes on every core, and l, which
+runs for hours at its default sizes).
 Timings: a warm-up call first, then per batch the median of ``--reps`` repetitions, the two
 implementations interleaved. Other processes on the machine distort them; the load average is recorded.
 """
@@ -36,7 +39,7 @@ from polytope_lab import data, models
 
 from polytope_lab.evaluation import robust_errors
 
-from . import benchmark_cluster, benchmark_exact, benchmark_scaling, benchmark_skip
+from . import benchmark_bab, benchmark_cluster, benchmark_exact, benchmark_scaling, benchmark_skip
 from .cli import (ExperimentParser, command, machine_load, record_rows, time_interleaved, to_markdown, torch_threads,
                   write_table)
 
@@ -51,8 +54,8 @@ REPORTED_FIGURES = {
     "alpha_crown": "auto_LiRPA α-CROWN: 193/200 certified, ≈1540 ms/image",
     "robust_errors_500": "32 on the first 500",
 }
-PARTS = "abcdefghij"
-DEFAULT_PARTS = "abcdefghi"  # j starts worker processes on every core: asked for by name
+PARTS = "abcdefghijl"
+DEFAULT_PARTS = "abcdefghi"  # j starts worker processes on every core, l runs for hours: asked for by name
 COLUMNS = ["part", "quantity", "polytope_lab", "convex_adversarial", "reference / ours", REPORTED, "note"]
 DEFAULTS = dict(threads=2, n_images=500, n_compare=200, batch=50, reps=3)
 QUICK = dict(n_images=20, n_compare=20, batch=10, reps=1)
@@ -66,12 +69,13 @@ def parse_args(argv=None):
     parser.setting("--batch", type=int, help="images per batch")
     parser.setting("--reps", type=int, help="timed repetitions per batch (median taken)")
     parser.add_argument("--full", action="store_true", help="part c: certify all 10,000 test images")
-    parser.add_argument("--parts", default=DEFAULT_PARTS, help="which parts to run, e.g. 'ad' or 'ef' (j: only "
+    parser.add_argument("--parts", default=DEFAULT_PARTS, help="which parts to run, e.g. 'ad' or 'ef' (j, l: only "
                                                             "when named)")
     benchmark_exact.add_arguments(parser)
     benchmark_scaling.add_arguments(parser)
     benchmark_skip.add_arguments(parser)
     benchmark_cluster.add_arguments(parser)
+    benchmark_bab.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.model is None:
         parser.error("--model is required: the state_dict of the paper's MNIST ConvNet")
@@ -353,6 +357,8 @@ def run(args, argv):
         rows += benchmark_skip.part_i(X, y, args, ca)
     if "j" in args.parts:
         rows += benchmark_cluster.part_j(model, X, y, EPS, args)
+    if "l" in args.parts:
+        rows += benchmark_bab.part_l(model, X, y, args)
 
     df = pd.DataFrame(rows)
     df = df.reindex(columns=COLUMNS + [c for c in df.columns if c not in COLUMNS])
@@ -369,6 +375,7 @@ def run(args, argv):
         "max_memory_mib": args.max_memory_mib, "column_chunk": args.column_chunk,
         "memory_settings": args.memory_settings, "skip_images": args.skip_images, "skip_batch": args.skip_batch,
         "cluster_images": args.cluster_images, "cluster_chunk": args.cluster_chunk,
+        **({k: getattr(args, k) for k in [*benchmark_bab.DEFAULTS, "vnncomp_dir"]} if "l" in args.parts else {}),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "convex_adversarial": package_version("convex_adversarial") if ca else f"missing ({ca_why})",
         "load_at_start": load_start, "load_at_end": load_end,

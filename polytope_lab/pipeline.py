@@ -13,7 +13,8 @@ disjuncts ``A f(x) ≤ b``, the **unsafe** condition) on a network within a time
 3. ``"dual-optimized"``: the dual with optimised α, for the disjuncts still open;
 4. ``"exact"``: the exact backend from the registry ("bab" where it offers ``find_point``, else the
    MILP, :meth:`MILPBounder.find_point`) decides each open disjunct's rows *jointly*, with the time left
-   shared among them.
+   shared among them; a backend with ``find_points`` (bab) takes a case's open disjuncts in one search,
+   so the root bounds and the attack are computed once per case, not once per disjunct.
 
 Soundness: ``"unsat"`` only when every disjunct of every case is refuted by a sound bound (float64) or
 the exact backend; ``"sat"`` only with a counterexample that lies in its case's box (within
@@ -275,6 +276,8 @@ def _exact(run: _Run):
     cls = Bounder.registry[name]
     options = {"threads": run.opt["threads"]} if run.opt["threads"] is not None and "threads" in cls.options() else {}
     backend = Bounder.create(name, **options)
+    if hasattr(backend, "find_points"):
+        return _exact_joint(run, backend, name)
     pending = [(ci, d) for ci in range(len(run.cases)) for d in run.open(ci)]
     for _ in range(4):   # rounds: each gives the pending disjuncts a larger share
         if not pending or run.budget.expired:
@@ -292,18 +295,57 @@ def _exact(run: _Run):
         pending = again
 
 
-def _exact_one(run: _Run, backend, name: str, ci: int, d: int, seconds: float) -> str:
-    """One disjunct through the exact backend; its new status."""
-    A, b = run.cases[ci].disjuncts[d]
-    if not len(b):   # no rows: every point of the box is unsafe
-        return "sat" if run.check(ci, run.regions[ci].center, name) else "unknown"
+def _exact_joint(run: _Run, backend, name: str):
+    """The exact backend's ``find_points`` on each case's open disjuncts together (one search per case:
+    the root bounds and the attack shared by its disjuncts), the time left shared among the cases still
+    pending; a case that ran out of its share is retried with what is left after the others."""
+    pending = [ci for ci in range(len(run.cases)) if run.open(ci)]
+    for _ in range(4):
+        if not pending or run.budget.expired:
+            return
+        again = []
+        for i, ci in enumerate(pending):
+            if run.budget.expired:
+                for d in run.open(ci):
+                    run.note(ci, d, "time_limit")
+                continue
+            status = _exact_case(run, backend, name, ci, run.budget.remaining() / (len(pending) - i))
+            if status == "sat":
+                return
+            if status == "time_limit":
+                again.append(ci)
+        pending = again
+
+
+def _exact_case(run: _Run, backend, name: str, ci: int, seconds: float) -> str:
+    """Case ci's open disjuncts through ``find_points`` in one call: "sat", "time_limit" (some disjunct ran
+    out of time) or "done"."""
+    case = run.cases[ci]
+    for d in run.open(ci):
+        if not len(case.disjuncts[d].b):   # no rows: every point of the box is unsafe
+            if run.check(ci, run.regions[ci].center, name):
+                return "sat"
+            run.note(ci, d, "unknown")
+    ds = [d for d in run.open(ci) if len(case.disjuncts[d].b)]
+    if not ds:
+        return "done"
     try:
-        out = backend.find_point(run.net, run.regions[ci], A, b, time_limit=max(seconds, 1e-3))
-    except Exception as e:  # a solver failure leaves this disjunct open, with the message
-        out_status = f"error: {type(e).__name__}: {e}"
-        run.errors.append(f"{name} on case {ci}, disjunct {d}: {out_status}")
-        run.note(ci, d, out_status)
-        return out_status
+        outs = backend.find_points(run.net, run.regions[ci], [case.disjuncts[d] for d in ds],
+                                   time_limit=max(seconds, 1e-3))
+    except Exception as e:  # a solver failure leaves these disjuncts open, with the message
+        status = f"error: {type(e).__name__}: {e}"
+        run.errors.append(f"{name} on case {ci}, disjuncts {ds}: {status}")
+        for d in ds:
+            run.note(ci, d, status)
+        return status
+    statuses = [_point_status(run, name, ci, d, out) for d, out in zip(ds, outs)]
+    if "sat" in statuses:
+        return "sat"
+    return "time_limit" if "time_limit" in statuses else "done"
+
+
+def _point_status(run: _Run, name: str, ci: int, d: int, out) -> str:
+    """Record disjunct d's :class:`~polytope_lab.milp.PointSearch` ``out``; its new status."""
     if out.status == "refuted":
         run.refute(ci, d, name, out.bound)
         return "refuted"
@@ -316,6 +358,21 @@ def _exact_one(run: _Run, backend, name: str, ci: int, d: int, seconds: float) -
         return "error"
     run.note(ci, d, out.status, out.bound if math.isfinite(out.bound) and out.bound <= 0 else -math.inf)
     return out.status
+
+
+def _exact_one(run: _Run, backend, name: str, ci: int, d: int, seconds: float) -> str:
+    """One disjunct through the exact backend; its new status."""
+    A, b = run.cases[ci].disjuncts[d]
+    if not len(b):   # no rows: every point of the box is unsafe
+        return "sat" if run.check(ci, run.regions[ci].center, name) else "unknown"
+    try:
+        out = backend.find_point(run.net, run.regions[ci], A, b, time_limit=max(seconds, 1e-3))
+    except Exception as e:  # a solver failure leaves this disjunct open, with the message
+        out_status = f"error: {type(e).__name__}: {e}"
+        run.errors.append(f"{name} on case {ci}, disjunct {d}: {out_status}")
+        run.note(ci, d, out_status)
+        return out_status
+    return _point_status(run, name, ci, d, out)
 
 
 def _polish(run: _Run, ci: int, d: int, point, stage: str) -> bool:

@@ -107,3 +107,44 @@ def test_find_point_through_the_pipeline():
 def test_bad_options_are_value_errors(option):
     with pytest.raises(ValueError):
         pl.Bounder.create("bab", **option)
+
+
+def test_find_points_shares_one_search_and_equals_the_milp(monkeypatch):
+    """Several disjuncts (different row counts) over one box: one search (one root), and per disjunct the
+    MILP's answer; through verify_property a multi-disjunct property costs one search per case."""
+    from polytope_lab.bab import bounder as bab_bounder
+    model = make_mlp([2, 8, 8, 2], seed=1)
+    box = pl.Box(torch.full((1, 2), -1.0, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64))
+    m = pl.Bounder.create("milp", threads=1).bound(model, box)
+    lo, hi = m.lower[0, 0].item(), m.upper[0, 0].item()
+    c = (lo + hi) / 2
+    disjuncts = [(torch.tensor([[1.0, 0], [-1.0, 0]]).double(), torch.tensor([c, -(c + 1e-3)]).double()),  # unsat
+                 (torch.tensor([[1.0, 0]]).double(), torch.tensor([lo - 1e-3]).double()),              # unsat
+                 (torch.tensor([[1.0, 0]]).double(), torch.tensor([lo + 1e-2]).double())]              # sat
+    searches = []
+    real = bab_bounder.Search
+
+    def counting(*a, **k):
+        searches.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(bab_bounder, "Search", counting)
+    bab = _bab(split="relu")
+    joint = bab.find_points(model, box, disjuncts[:2])
+    assert len(searches) == 1 and [p.status for p in joint] == ["refuted", "refuted"]
+    milp = pl.Bounder.create("milp", threads=1)
+    for (A, b), p in zip(disjuncts[:2], joint):
+        assert milp.find_point(model, box, A, b).status == "refuted"
+        assert p.bound > 0
+    found = bab.find_points(model, box, disjuncts)
+    assert found[2].status == "found" and found[2].value <= 0
+    with torch.no_grad():
+        f = model(torch.from_numpy(found[2].point).reshape(1, 2))[0]
+    assert float((disjuncts[2][0] @ f
+                  - disjuncts[2][1]).max()) <= 1e-5
+    assert all(p.status in ("refuted", "unknown") for p in found[:2])
+    searches.clear()
+    case = Case(-torch.ones(2).double().numpy(), torch.ones(2).double().numpy(),
+                [Disjunct(A.numpy(), b.numpy()) for A, b in disjuncts[:2]])
+    r = pl.verify_property(model, [case], 10, stages=("exact",), exact="bab")
+    assert r.verdict == "unsat" and r.stage == "bab" and len(searches) == 1

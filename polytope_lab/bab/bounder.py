@@ -48,6 +48,8 @@ class BaBBounder(Bounder):
 
     name = "bab"
     supported_regions = (LinfBall, Box)
+    #: subdomains bounded by every search of this process so far (a tally the benchmarks read)
+    subdomains_bounded = 0
 
     def __init__(self, time_limit=None, batch=256, branching="babsr", split="auto", max_memory=2 ** 30,
                  progress=False, tolerance=1e-5, steps=4, root_steps=30, attack_steps=50, attack_restarts=4,
@@ -71,7 +73,9 @@ class BaBBounder(Bounder):
     def _search(self, net64, region64, C, offset, decide, budget, desc):
         bar = _progress(self.progress, desc)
         try:
-            return Search(net64, region64, C, offset, decide, self.settings, budget, bar).run()
+            search = Search(net64, region64, C, offset, decide, self.settings, budget, bar).run()
+            BaBBounder.subdomains_bounded += search.visited
+            return search
         finally:
             if bar is not None:
                 bar.close()
@@ -173,31 +177,62 @@ class BaBBounder(Bounder):
         > ``BOUND_TOL`` (``bound``: the proven minimum), "found" with a point checked on the float64
         network (value ≤ 0), else "time_limit"/"unknown" (the minimum is 0 within a leaf's tolerance).
         Same answer as :meth:`MILPBounder.find_point`."""
+        return self.find_points(model, region, [(A, b)], time_limit)[0]
+
+    def find_points(self, model, region: Box, disjuncts, time_limit=None) -> list:
+        """:meth:`find_point` for several conjunctions ``[(A_d, b_d)]`` over one ``region`` in one search:
+        the root's intermediate bounds (tightened), the attack and every batch are shared, each disjunct a
+        problem ``max_k (A_d,k f − b_d,k)`` of its own (rows padded by repeating the disjunct's first row,
+        which leaves the maximum unchanged). The search stops at the first point found; a disjunct not
+        decided by then is "unknown" (the property is decided by that point). One :class:`PointSearch`
+        per disjunct."""
         network, region = self.prepare(model, region)
         if region.batch_size != 1:
             raise ValueError(f"find_point takes a region of one example, got {region.batch_size}")
+        if not len(disjuncts):
+            return []
         net64, reg64 = self.float64(network, region)
-        A = check_objective(A, net64, reg64)
-        b64 = torch.as_tensor(np.asarray(b, dtype=np.float64)).reshape(-1)
-        if A.shape[1] == 0 or len(b64) != A.shape[1] or not torch.isfinite(b64).all():
-            raise ValueError(f"b must hold one finite value per row of A ({A.shape[1]} >= 1), got {tuple(b64.shape)}")
+        C, offset = self.stacked(net64, reg64, disjuncts)
         limit = self.time_limit if time_limit is None else time_limit
-        search = self._search(net64, reg64, A, b64.reshape(1, -1), True, Budget(limit), "bab find_point")
-        bound = float(search.lower()[0])
-        if search.state[0] == "found":
-            x = search.U_x[0]
-            value = float(row_maximum(net64, x.reshape(1, *net64.input_shape), A, b64.reshape(1, -1))[0])
+        search = self._search(net64, reg64, C, offset, True, Budget(limit), "bab find_point")
+        return [self._point_result(search, net64, reg64, p) for p in range(len(C))]
+
+    @staticmethod
+    def stacked(net64, reg64, disjuncts) -> tuple:
+        """(C (P, K, n_out), offset (P, K)) float64 of the conjunctions, padded to K rows each by repeating
+        their first row."""
+        rows = []
+        for A, b in disjuncts:
+            A = check_objective(A, net64, reg64)
+            b64 = torch.as_tensor(np.asarray(b, dtype=np.float64)).reshape(-1)
+            if A.shape[1] == 0 or len(b64) != A.shape[1] or not torch.isfinite(b64).all():
+                raise ValueError(f"b must hold one finite value per row of A ({A.shape[1]} >= 1), "
+                                 f"got {tuple(b64.shape)}")
+            rows.append((A[0], b64))
+        K = max(len(b) for _, b in rows)
+        C = torch.stack([torch.cat([A, A[:1].expand(K - len(A), -1)]) for A, _ in rows])
+        offset = torch.stack([torch.cat([b, b[:1].expand(K - len(b))]) for _, b in rows])
+        return C, offset
+
+    @staticmethod
+    def _point_result(search: Search, net64, reg64, p: int) -> PointSearch:
+        """Problem p's answer; a found point is re-run on the network (the witness check)."""
+        bound = float(search.lower()[p])
+        C, offset = search.C[p:p + 1], search.offset[p:p + 1]
+        if search.state[p] == "found":
+            x = search.U_x[p]
+            value = float(row_maximum(net64, x.reshape(1, *net64.input_shape), C, offset)[0])
             if value <= 0 and bool(reg64.contains(x.reshape(1, *net64.input_shape)).all()):
                 return PointSearch("found", bound, x.numpy().copy(), value)
             return PointSearch(error_status("a point failed the witness check"))
-        last = {} if search.U_x[0] is None else dict(point=search.U_x[0].numpy().copy(), value=float(search.U[0]))
-        if search.open_problems():
-            return PointSearch("time_limit", bound, **last)
-        if any(s.startswith("error") for s in search.failed.values()):
-            return PointSearch(error_status("a leaf LP failed"), bound, **last)
-        if search.failed:
-            return PointSearch("time_limit", bound, **last)
-        if search.state[0] == "unknown":
+        last = {} if search.U_x[p] is None else dict(point=search.U_x[p].numpy().copy(), value=float(search.U[p]))
+        if p in search.open_problems():
+            return PointSearch("unknown" if search.found else "time_limit", bound, **last)
+        failed = search.failed.get(p)
+        if failed is not None:
+            return PointSearch(error_status("a leaf LP failed") if failed.startswith("error") else "time_limit",
+                               bound, **last)
+        if search.state[p] == "unknown":
             return PointSearch("unknown", bound, **last)
         return PointSearch("refuted", bound)
 

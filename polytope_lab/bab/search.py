@@ -81,8 +81,9 @@ class Search:
         self.lo, self.hi = lo.reshape(-1), hi.reshape(-1)
         with torch.no_grad():
             self.root = intermediate_bounds(net, region)
-        if settings.root_steps:
-            self.root = tightened_bounds(net, region, self.root, settings.root_steps, settings.lr)
+        self.tightened = False
+        if not decide:   # bound: the minima need the search anyway (certify tightens only when needed, in run)
+            self.tighten()
         self.shapes = [l.shape[1:] for l, _ in self.root]
         self.sizes = [int(np.prod(s)) if len(s) else 1 for s in self.shapes]
         split = settings.split
@@ -98,6 +99,12 @@ class Search:
         self.cap = max(4 * settings.batch, int(settings.max_memory // per_node))
         self.ops = None
         self.failed = {}    # problem -> status of a leaf LP that failed ("time_limit", "error: …")
+
+    def tighten(self):
+        """Tighten the root's intermediate bounds by optimised α (once; dearer than a root bound on conv nets)."""
+        if self.s.root_steps and not self.tightened:
+            self.root = tightened_bounds(self.net, self.region, self.root, self.s.root_steps, self.s.lr)
+        self.tightened = True
 
     # ---------------------------------------------------------------- incumbents and closing
 
@@ -139,16 +146,35 @@ class Search:
         P = self.C.shape[0]
         roots = [Node(p, -math.inf, lo=self.lo, hi=self.hi) if self.input_mode else
                  Node(p, -math.inf, signs=torch.zeros(sum(self.sizes), dtype=torch.int8)) for p in range(P)]
+        self.bound(roots, 0 if self.decide else self.s.root_steps)
+        if self.decide:   # cheapest first: fixed-α dual, optimised α/β, the attack, then tightened bounds
+            self.root_stage(False)
+            self.run_attack()
+            self.root_stage(True)
+        else:
+            self.run_attack()
+        while self.heap and not (self.found or self.budget.expired or self.memory_hit):
+            self.step()
+        return self
+
+    def root_stage(self, tighten: bool):
+        """Re-bound the open roots with ``root_steps`` of α/β (``tighten``: on tightened intermediate bounds
+        first); each keeps the best of its sound bounds. Skipped once decided or out of time."""
+        if not self.heap or self.found or self.budget.expired:
+            return
+        if tighten:
+            self.tighten()
+        roots = [heapq.heappop(self.heap)[2] for _ in range(len(self.heap))]
         self.bound(roots, self.s.root_steps)
+
+    def run_attack(self):
+        """PGD with restarts on the problems with open subdomains; its points are offered as incumbents."""
         open_p = sorted({n.p for _, _, n in self.heap})
-        if open_p and self.s.attack_steps and not self.budget.expired:
+        if open_p and self.s.attack_steps and not self.found and not self.budget.expired:
             values, points = attack(self.net, self.lo, self.hi, self.C[open_p], self.offset[open_p],
                                     self.s.attack_steps, self.s.attack_restarts)
             for p, v, x in zip(open_p, values.tolist(), points):
                 self.offer(p, v, x)
-        while self.heap and not (self.found or self.budget.expired or self.memory_hit):
-            self.step()
-        return self
 
     def pop(self, count: int) -> list:
         """Up to ``count`` open subdomains with the smallest lower bounds (closing those now settled)."""
