@@ -15,7 +15,8 @@ Per model, on the first ``--test-size`` MNIST test images at ε (``--eps``), L�
   MILP exact error (``MILPBounder.certify``, HiGHS, ball ∩ [0, 1] whatever ``--clip``) on the first
   ``--milp-samples`` images, with PGD and the dual bound on the same images and the same region, so that
   PGD ≤ exact ≤ bound can be checked; an image not settled within the time limit widens the exact error
-  to a range.
+  to a range. ``--exact bab`` computes these columns by branch and bound (``BaBBounder.certify``, same
+  images, region and time limit; the columns keep their "MILP" names, the notes and table.json say which).
 Training: ``training.train`` with Adam (lr 1e-3, batches of 50, as in the paper) on the first ``--train-size``
 training images. Robust and PGD training: a linear ε warm-up over ``--warmup-epochs`` (1; none with
 ``--paper``: the seed code trains at a fixed ε); without it PGD training at ε = 0.1 stalled at chance
@@ -61,6 +62,8 @@ PUBLISHED = {
     "convex_adversarial README, released robust model": [1.8, 3.9, 4.1, 5.8],
 }
 SETTLED = ("certified", "counterexample")
+#: ``--exact``: the backends the exact columns can use
+EXACT_BACKENDS = ("milp", "bab")
 SECONDS = {"clean": "clean s", "fgsm": "FGSM s", "pgd": "PGD s", "bound": "bound s", "milp": "MILP s"}
 MILP_COLUMNS = ["image", "label", "pgd_error", "bound_error", "status", "by", "seconds", "margin",
                 "counterexample_margin"]
@@ -105,6 +108,9 @@ def parse_args(argv=None):
                         help="run the MILP also on images PGD already breaks (a soundness cross-check; slower)")
     parser.setting("--milp-time-limit", type=float,
                    help="MILP seconds per image (all its margins together)")
+    parser.add_argument("--exact", choices=EXACT_BACKENDS, default="milp",
+                        help="backend of the exact ('MILP') columns: the MILP or branch and bound (bab); "
+                             "same images, region and time limit")
     args = parser.parse_args(argv)
     names = [] if args.models.strip().lower() in ("", "none") else [m.strip() for m in args.models.split(",")]
     unknown = [m for m in names if m not in MODES]
@@ -199,6 +205,13 @@ def errors(model, X, y, column, args, clip) -> torch.Tensor:
                                     progress=progress)
 
 
+def exact_bounder(args):
+    """The exact columns' backend (``--exact``): the MILP (HiGHS, 1 thread) or bab, with ``--milp-time-limit``."""
+    if args.exact == "bab":
+        return pl.Bounder.create("bab", time_limit=args.milp_time_limit, progress=sys.stderr.isatty())
+    return pl.Bounder.create("milp", time_limit=args.milp_time_limit, threads=1)
+
+
 def milp_column(model, X, y, args, name: str, key: str, store) -> dict:
     """MILP verdicts on the first ``--milp-samples`` images (each stored in ``store`` under ``(name, key,
     image)`` as it is made, kept on a rerun; exported to ``milp/<name>-<key>.csv``), with PGD and the dual
@@ -210,19 +223,19 @@ def milp_column(model, X, y, args, name: str, key: str, store) -> dict:
     pgd_wrong = errors(model, X, y, "pgd", args, CLIP)
     dual_open = errors(model, X, y, "bound", args, CLIP)
     side_seconds = time.perf_counter() - started
-    bounder = pl.Bounder.create("milp", time_limit=args.milp_time_limit, threads=1)
+    bounder = exact_bounder(args)
     # PGD's point in ball ∩ [0, 1] is misclassified: a verified counterexample, no solve
     known = {} if args.milp_every_image else {i: {"by": "pgd"} for i in range(n) if pgd_wrong[i]}
     records = evaluation.certify_each(bounder, model, X, y, args.eps, clip=CLIP, store=store, prefix=(name, key),
                                       known=known, progress=sys.stderr.isatty())
     done = pd.DataFrame([{**r, "pgd_error": bool(pgd_wrong[r["image"]]), "bound_error": bool(dual_open[r["image"]]),
-                          "by": r.get("by", "milp")} for r in records], columns=MILP_COLUMNS)
+                          "by": r.get("by", args.exact)} for r in records], columns=MILP_COLUMNS)
     done.to_csv(Path(args.out) / "milp" / f"{name}-{key}.csv", index=False)
     t = done[done["image"] < n]
     status = t["status"]
     refuted, settled = int((status == "counterexample").sum()), int(status.isin(SETTLED).sum())
     return {"n": n, "refuted": refuted, "open": n - settled, "settled": settled,
-            "solved": int((t["by"] == "milp").sum()),
+            "solved": int((t["by"] == args.exact).sum()),
             "pgd_errors": int(pgd_wrong.sum()), "bound_errors": int(dual_open.sum()),
             # soundness cross-checks: MILP-certified yet broken by PGD; a counterexample the dual certifies
             "certified_but_attacked": int(((status == "certified") & pgd_wrong[t["image"].tolist()].numpy()).sum()),
@@ -287,7 +300,9 @@ def notes(args, milp_ok) -> list:
         f"itself is misclassified. PGD: {PGD_EVAL} (the highest-loss iterate is kept).",
         "Bound: the dual bound (Bounder 'dual', fixed α); an image counts unless every margin e_y − e_j "
         "is certified.",
-        f"MILP: MILPBounder.certify (HiGHS, 1 thread, {args.milp_time_limit:g} s per image) on the first "
+        ("MILP: MILPBounder.certify (HiGHS, 1 thread, " if args.exact == "milp" else
+         "MILP columns by branch and bound (--exact bab: BaBBounder.certify, ")
+        + f"{args.milp_time_limit:g} s per image) on the first "
         f"{args.milp_samples} images over the ball ∩ [0,1]; 'exact err' counts verified counterexamples, "
         "'upper' adds the images not settled in time; PGD and the bound are rerun there on ball ∩ [0,1]"
         + ("." if args.milp_every_image else "; an image PGD breaks there counts as a verified counterexample "
@@ -318,7 +333,8 @@ def cell_keys(spec, args, clip) -> dict:
         "bound": {**base, "clip": clip, "bounder": "dual"},
         "milp": {"model": model, "eps": args.eps, "n": args.milp_samples, "solver": "HIGHS",
                  "time_limit": args.milp_time_limit, "pgd": [args.pgd_steps, args.pgd_step_size],
-                 "every_image": args.milp_every_image}}.items()}
+                 "every_image": args.milp_every_image, **({} if args.exact == "milp" else {"exact": args.exact})}
+    }.items()}
 
 
 def model_cells(name, model, keys, X, y, args, store, milp_store, milp_ok) -> dict:
@@ -358,7 +374,7 @@ def run(args, argv):
     out = Path(args.out)
     (out / "milp").mkdir(parents=True, exist_ok=True)
     started, load_start = time.perf_counter(), machine_load()
-    milp_ok = "milp" in pl.Bounder.available()
+    milp_ok = args.exact in pl.Bounder.available()
     X, y = data.mnist("test", root=args.data_dir)
     X, y = X[:args.test_size].to(args.device), y[:args.test_size].to(args.device)
     train_cache = {}
@@ -393,7 +409,8 @@ def run(args, argv):
             "fgsm": "one sign step of size ε", "pgd_train": {"steps": args.pgd_train_steps, "why": PGD_TRAIN},
             "training": {"train_size": args.train_size, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
                          "batch_size": args.batch_size, "lr": args.lr, "seconds_per_epoch": logs},
-            "milp": {"available": milp_ok, "samples": args.milp_samples, "solver": "HIGHS, 1 thread",
+            "milp": {"available": milp_ok, "samples": args.milp_samples, "backend": args.exact,
+                     "solver": "HIGHS, 1 thread" if args.exact == "milp" else "bab (float64 CPU)",
                      "time_limit_per_image": args.milp_time_limit, "region": "ball ∩ [0, 1]", "statuses": statuses},
             "checks": all_checks, "published_percent_clean_fgsm_pgd_bound": PUBLISHED,
             "device": args.device, "torch": torch.__version__,

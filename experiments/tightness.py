@@ -18,6 +18,8 @@ B. MNIST (test images 0…--samples−1, L∞ ball ∩ [0, 1]): the pretrained C
    The table gives its mean over the images, the certified fraction and seconds per image. The MILP
    (``--milp-mode certify``, the default) only decides the sign of each margin: it gives the exact
    verdict (certified / counterexample) and no margin; ``--milp-mode bound`` solves the margins exactly.
+   ``--exact bab``: the exact column (still labelled "milp") by branch and bound (``Bounder "bab"``, ReLU
+   splits, the same time limit) instead of the MILP; ``settings.json`` records which.
 
 Checks ("check" column), per coordinate or image, each method against the next tighter one present:
 interval ⊇ dual ⊇ dual-optimized ⊇ lp ⊇ milp ⊇ grid within ``--tol`` (relative). dual ⊇ dual-optimized
@@ -96,6 +98,9 @@ def parse_args(argv=None):
     parser.add_argument("--milp-mode", choices=["certify", "bound"], default="certify",
                         help="part B: MILP sign decisions only (fast), or exact margins")
     parser.setting("--milp-time-limit", type=float, help="MILP seconds per example (all its rows together)")
+    parser.add_argument("--exact", choices=["milp", "bab"], default="milp",
+                        help="backend of the exact column (label 'milp'): the MILP or branch and bound (bab, "
+                             "ReLU splits), same time limit")
     parser.setting("--lp-time-limit", type=float,
                    help="seconds per LP solve; a row that hits it keeps the dual's bound")
     parser.setting("--budget", type=float,
@@ -122,6 +127,9 @@ def parse_args(argv=None):
 
 def make_bounder(label: str, args, cfg):
     """The backend behind a method label (as in ``pl.cross_check``), with this run's device and limits."""
+    if label == "milp" and args.exact == "bab":   # the exact column by branch and bound
+        name, options = checks.CROSS_CHECK_METHODS["bab"]
+        return pl.Bounder.create(name, **options, time_limit=cfg["milp_time_limit"])
     name, options = checks.CROSS_CHECK_METHODS[label]
     options = dict(options)
     if name == "dual":
@@ -494,7 +502,7 @@ def run(args, cfg):
     settings = {"seed": args.seed, "quick": args.quick, "sizes": cfg["sizes"], "grid": cfg["grid"],
                 "mlp": {k: cfg[k] for k in ("mlp_sizes", "mlp_images", "mlp_epochs", "mlp_eps", "mlp_warmup")},
                 "milp_mode": args.milp_mode, "milp_time_limit": cfg["milp_time_limit"],
-                "lp_time_limit": cfg["lp_time_limit"]}
+                "lp_time_limit": cfg["lp_time_limit"], "exact": args.exact}
     check_settings(out, settings, args.overwrite)
     results, notes = {}, []
     if "A" in args.parts:

@@ -7,7 +7,8 @@
    one centre x₀ ~ U[0, 1]² per network, L∞ boxes of radius ε. The true output set is the image of a
    dense grid of the box; around it the convex outer bounds of the dual network and of the LP (same
    relaxation, same intermediate bounds, solved optimally), both from the same K support directions;
-   the MILP's exact support lines in a few directions (time-limited: statuses reported); the interval box.
+   the MILP's exact support lines in a few directions (time-limited: statuses reported; ``--exact bab``:
+   by branch and bound instead); the interval box.
 2. Classifiers (Fig. 5): 50 points in [0, 1]², ≥ 0.08 apart (L∞), random labels; the same architecture
    trained by full-batch Adam, standard vs robust (the dual bound's loss) at ε = 0.03. To fit the budget:
    1000 steps, 700 at lr 1e-2 (robust: ε ramped up from 0 over the first 300), then 300 at the paper's
@@ -33,10 +34,13 @@ from tqdm.auto import tqdm
 
 import polytope_lab as pl
 from polytope_lab import data, evaluation, models, polytopes, training
+from polytope_lab.checks import CROSS_CHECK_METHODS
 
 from . import toy2d_plots as plots
 from .cli import ExperimentParser, machine_load, record_rows, to_markdown, torch_threads, write_table
 
+#: ``--exact``: the backends that can draw the exact support lines
+EXACT_BACKENDS = ("milp", "bab")
 DEFAULTS = dict(sizes=[2, 100, 100, 100, 100, 2], eps=[0.05, 0.1, 0.25], nets=3, grid=250, resolution=400,
                 directions=32, milp_directions=4, milp_time_limit=0.5, points=50, min_distance=0.08,
                 train_eps=0.03, train_sizes=[2, 100, 100, 100, 100, 2], epochs_standard=1000,
@@ -55,6 +59,9 @@ def parse_args(argv=None):
     parser.setting("--directions", type=int, help="support directions per bounder: rows of C, 2 half-planes each")
     parser.setting("--milp-directions", type=int, help="MILP rows, 2 support lines each")
     parser.setting("--milp-time-limit", type=float, help="MILP seconds per bound call (all its rows together)")
+    parser.add_argument("--exact", choices=EXACT_BACKENDS, default="milp",
+                        help="backend of the exact support lines (max of cᵀf over the box for --milp-directions "
+                             "directions c): the MILP or branch and bound (bab), same time limit")
     parser.setting("--epochs-standard", type=int, help="full-batch Adam steps, standard training")
     parser.setting("--epochs-robust", type=int, help="full-batch Adam steps, robust training")
     parser.setting("--lr", type=float, help="Adam learning rate")
@@ -65,6 +72,7 @@ def parse_args(argv=None):
     # up to 4× on a busy one
     args = parser.parse_args(argv)
     cfg = {key: getattr(args, key) for key in DEFAULTS}
+    cfg["exact"] = args.exact
     if args.threads < 1:
         parser.error("--threads must be ≥ 1")
     if cfg["nets"] < 1 or cfg["directions"] < 2 or cfg["milp_directions"] < 1:
@@ -103,8 +111,7 @@ def outer_bounds(net, region, cfg, bounders, device):
         b[name] = bounders[name].bound(net, region, rows)
     shapes = {name: polytopes.outer_polygon(C, b[name].lower[0], b[name].upper[0]) for name in ("dual", "lp")}
     box = np.stack([b["interval"].lower[0].numpy(), b["interval"].upper[0].numpy()])  # (2: lo/hi, 2)
-    milp_status = b["milp"].lower_status[0] + b["milp"].upper_status[0]
-    optimal = np.array([s == "optimal" for s in milp_status])
+    optimal = np.array([s == "optimal" for s in exact_statuses(b["milp"], len(Cm))])
     milp_slack = polytopes.slack(outputs, Cm, b["milp"].lower[0], b["milp"].upper[0])
     violation = max(-polytopes.slack(outputs, C, b[n].lower[0], b[n].upper[0]).min() for n in ("dual", "lp"))
     violation = max(violation, -polytopes.slack(outputs, eye, *box).min(),
@@ -134,12 +141,28 @@ def outer_bounds(net, region, cfg, bounders, device):
     return row, shape
 
 
+def exact_statuses(bounds, m: int) -> list:
+    """The 2m support values' statuses of one example (m lower, then m upper): the MILP's per row, else
+    the example's status for every row (branch and bound)."""
+    if getattr(bounds, "lower_status", None):
+        return bounds.lower_status[0] + bounds.upper_status[0]
+    return [bounds.status[0]] * (2 * m)
+
+
+def exact_bounder(cfg):
+    """The exact support lines' backend (``--exact``, key "milp" in the tables): the MILP without its primal
+    heuristic (on these 4×100 networks sign-gradient descent per row costs more than the time-limited
+    solves it would warm-start), or branch and bound (ReLU splits, as in ``pl.cross_check``)."""
+    if cfg.get("exact", "milp") == "bab":
+        name, options = CROSS_CHECK_METHODS["bab"]
+        return pl.Bounder.create(name, **options, time_limit=cfg["milp_time_limit"])
+    return pl.Bounder.create("milp", time_limit=cfg["milp_time_limit"], heuristic_steps=0)
+
+
 def make_bounders(cfg, device):
-    """The four backends. The MILP runs without its primal heuristic: on these 4×100 networks the heuristic
-    (sign-gradient descent per row) costs more than the time-limited solves it would warm-start."""
+    """The four backends (the exact one: :func:`exact_bounder`)."""
     return {"dual": pl.Bounder.create("dual", device=device), "lp": pl.Bounder.create("lp"),
-            "interval": pl.Bounder.create("interval"),
-            "milp": pl.Bounder.create("milp", time_limit=cfg["milp_time_limit"], heuristic_steps=0)}
+            "interval": pl.Bounder.create("interval"), "milp": exact_bounder(cfg)}
 
 
 def polytope_part(cfg, device):

@@ -11,6 +11,14 @@ Status vocabulary (one for every backend):
 * ``Certification.status``, per example (a verdict): ``"certified"``, ``"counterexample"`` (with a point
   of the region checked on the network), ``"unknown"`` (the bounds cannot decide), ``"time_limit"``,
   ``"error: …"``. VNN-COMP reads them as unsat, sat, unknown, timeout, error.
+
+Numerical honesty of ``certify`` (every backend): "certified" needs every margin's lower bound, computed
+in float64, above ``certify_tol · max(1, scale)`` (``scale``: the largest |lower| or |upper| of the
+example's margins). A network in a lower precision is certified by its float32 bound only after a float64
+recheck of that bound on the same weights (cheap: only the examples the float32 bound certifies); a
+margin within the tolerance of 0 is "unknown". :data:`CERTIFY_TOL` (1e-9) covers the float64 rounding of
+a bound that sums up to ~10⁶ terms of the bound's magnitude; a solver backend states its own (the LP's is
+its feasibility tolerance, the MILP's and BaB's are in docs/bab.md "The guarantee").
 """
 from __future__ import annotations
 
@@ -31,6 +39,21 @@ BOUND_STATUSES = ("ok", "optimal", "time_limit", "memory_limit", "infeasible")
 #: every ``Certification.status`` is one of these or starts with ``ERROR_PREFIX``
 VERDICTS = ("certified", "counterexample", "unknown", "time_limit")
 ERROR_PREFIX = "error: "
+#: "certified" needs a float64 margin bound above this · max(1, scale) (module docstring)
+CERTIFY_TOL = 1e-9
+
+
+def certify_margin(scale, tol: float = CERTIFY_TOL):
+    """The margin ``tol · max(1, |scale|)`` a lower bound must exceed to certify (elementwise for tensors)."""
+    if isinstance(scale, torch.Tensor):
+        return tol * scale.abs().clamp(min=1.0)
+    return tol * max(1.0, abs(float(scale)))
+
+
+def bound_scale(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """(B,) the magnitude of each example's bounds: ``max_j max(|lower_j|, |upper_j|)`` (finite entries)."""
+    mag = torch.maximum(lower.abs(), upper.abs())
+    return torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag)).amax(dim=1)
 
 
 def error_status(detail: str) -> str:
@@ -157,6 +180,8 @@ class Bounder:
     supported_regions: tuple = (Region,)
     #: where ``bound`` computes (None: where the region's ``x`` lives); results come back there
     device = None
+    #: relative margin the base ``certify`` requires of this backend's float64 bound (module docstring)
+    certify_tol = CERTIFY_TOL
 
     def __init__(self, device=None):
         self.device = None if device is None else torch.device(device)
@@ -242,11 +267,13 @@ class Bounder:
             x = region.x
             return Certification([], x.new_zeros(0), x.clone(), x.new_zeros(0), y, [], method=self.name)
         start = time.perf_counter()
-        b = self.bound(network, region, margin_matrix(y, network.output_size))
+        C = margin_matrix(y, network.output_size)
+        b = self.bound(network, region, C)
         point = region.project(region.x)
         with torch.no_grad():
             at_point = centre_margins(network, point, y)
-        status = [certify_verdict(ok, s, m) for ok, s, m in zip(b.certified.tolist(), b.status, at_point.tolist())]
+        certified = self.honest(network, region, C, b).tolist()
+        status = [certify_verdict(ok, s, m) for ok, s, m in zip(certified, b.status, at_point.tolist())]
         refuted = torch.tensor([s == "counterexample" for s in status], dtype=torch.bool)
         margin = b.lower.min(dim=1).values if b.sound else torch.full_like(at_point, -math.inf)
         nan = torch.full_like(point, math.nan)
@@ -254,6 +281,29 @@ class Bounder:
         seconds = (time.perf_counter() - start) / max(1, region.batch_size)
         return Certification(status, margin, counterexample, torch.where(refuted, at_point, math.nan), y,
                              [seconds] * region.batch_size, method=b.method or self.name)
+
+
+    def honest(self, network: Network, region: Region, C: torch.Tensor, b: Bounds) -> torch.Tensor:
+        """(B,) which examples ``b`` certifies with a float64 margin above :func:`certify_margin` of
+        ``certify_tol`` (a float32 bound is rechecked in float64 on the examples it certifies)."""
+        ok = b.certified & torch.tensor([not s.startswith(ERROR_PREFIX) for s in b.status], dtype=torch.bool,
+                                        device=b.lower.device)
+        idx = torch.nonzero(ok).reshape(-1)
+        if not len(idx):
+            return ok.cpu()
+        if network.dtype == torch.float64:
+            lower, upper, statuses = b.lower[idx], b.upper[idx], [b.status[i] for i in idx.tolist()]
+        else:
+            f64 = dict(dtype=torch.float64)
+            sel = idx.to(region.x.device)
+            b64 = self.bound(network.to(**f64), region.select(sel).to(**f64), C[idx.cpu()].to(**f64))
+            if not b64.sound:
+                return torch.zeros_like(ok).cpu()
+            lower, upper, statuses = b64.lower.to(ok.device), b64.upper.to(ok.device), b64.status
+        clear = (lower > certify_margin(bound_scale(lower, upper), self.certify_tol)[:, None]).all(dim=1)
+        clear &= torch.tensor([not s.startswith(ERROR_PREFIX) for s in statuses], dtype=torch.bool, device=ok.device)
+        ok[idx] = clear
+        return ok.cpu()
 
 
 def certified_labels(network: Network, region: Region, y) -> torch.Tensor:

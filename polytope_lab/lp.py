@@ -62,6 +62,9 @@ class LPBounder(Bounder):
 
     name = "lp"
 
+    #: certify needs a margin above the solvers' feasibility tolerance (1e-7, ×10: relaxation.solver_slack)
+    certify_tol = 1e-6
+
     def __init__(self, solver=None, intermediate="dual", solver_options=None, time_limit=None, device=None):
         super().__init__(device=device)
         installed = cvxpy_solvers()

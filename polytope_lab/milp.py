@@ -43,16 +43,17 @@ import numpy as np
 import torch
 
 from .attacks import pgd_minimize
-from .bounds import (Bounder, Bounds, Certification, certified_labels, check_objective, error_status,
-                     margin_matrix, require_sound)
+from .bounds import (Bounder, Bounds, Certification, certified_labels, certify_margin, check_objective,
+                     error_status, margin_matrix, require_sound)
 from .network import Network
 from .regions import Box, LinfBall
-from .relaxation import MIP_ABS_GAP, WITNESS_TOL, build, widen
+from .relaxation import MIP_ABS_GAP, SLACK_FACTOR, SOLVER_TOLERANCE, WITNESS_TOL, build, widen
 from .solvers import MILP_ADAPTERS, Budget, HighsAdapter, available_solvers, milp_adapter
 
 SOLVERS = ("HIGHS", "CBC")
-#: early stop for sign decisions: stop when the bound exceeds +this or an incumbent is below −this
-DECIDE = 1e-6
+#: a sign is decided only by a proven bound above ``DECIDE · max(1, scale)`` (:func:`decide_margin`): 10× the
+#: solvers' integrality tolerance 1e-6 (a binary 1e-6 off 0/1 moves the objective by ~1e-6 × its magnitude)
+DECIDE = SLACK_FACTOR * SOLVER_TOLERANCE["mip_feasibility"]
 WITNESS_ERROR = error_status("witness outside the region")
 #: an example's status is the first of these among its rows' (errors before all of them)
 STATUS_ORDER = ("infeasible", "time_limit", "optimal")
@@ -60,6 +61,13 @@ STATUS_ORDER = ("infeasible", "time_limit", "optimal")
 VERDICT_ORDER = ("time_limit", "unknown")
 
 __all__ = ["MILPBounder", "MILPBounds", "PointSearch", "available_solvers", "SOLVERS", "WITNESS_TOL"]
+
+
+def decide_margin(lower: float, upper: float) -> float:
+    """The margin a proven bound of ``min rowᵀ f`` must exceed to decide its sign: ``DECIDE · max(1, scale)``,
+    scale = max(|lower|, |upper|) of the row over the region (the intermediate bounder's sound bounds)."""
+    scale = max(abs(lower), abs(upper))
+    return certify_margin(scale if math.isfinite(scale) else 0.0, DECIDE)
 
 
 def worst(statuses, order=STATUS_ORDER) -> str:
@@ -331,7 +339,7 @@ class MILPBounder(Bounder):
     def find_point(self, model, region: Box, A, b, time_limit=None) -> PointSearch:
         """Is there ``x'`` in ``region`` (one example) with ``A f(x') ≤ b`` in every row jointly? The MILP
         minimises ``t ≥ A_k f − b_k`` (:meth:`Relaxation.add_row_maximum`), stopping as soon as the sign of
-        its minimum is decided, then to optimality; refuted only with a proven bound > ``DECIDE``. An incumbent counts only once the float64
+        its minimum is decided, then to optimality; refuted only with a proven bound > :func:`decide_margin`. An incumbent counts only once the float64
         network confirms it. ``time_limit``: seconds (None: the bounder's own); A (k ≥ 1, n_out), b (k,)."""
         network, region = self.prepare(model, region)
         if region.batch_size != 1:
@@ -343,7 +351,8 @@ class MILPBounder(Bounder):
         budget = Budget(self.time_limit if time_limit is None else time_limit)
         prob = self.exact_problem(network, region, A)
         rows, lower, upper = prob.C64[0], prob.lower[0] - b64, prob.upper[0] - b64
-        if float(lower.max()) > DECIDE:   # one row fails everywhere (the intermediate bounder's sound bound)
+        margin = decide_margin(float(lower.max()), float(upper.max()))
+        if float(lower.max()) > margin:   # one row fails everywhere (the intermediate bounder's sound bound)
             return PointSearch("refuted", float(lower.max()))
         system = prob.system(0, budget)
         t_lo, t_hi = widen(np.array([float(lower.max())]), np.array([float(upper.max())]))
@@ -355,7 +364,7 @@ class MILPBounder(Bounder):
         for early in (True, False):
             if budget.expired:
                 return PointSearch("time_limit", **last)
-            stops = dict(stop_above=2 * DECIDE, stop_below=-DECIDE) if early else {}
+            stops = dict(stop_above=2 * margin, stop_below=-margin) if early else {}
             out = solver.solve(cost, 0.0, time_limit=budget.remaining(), **stops)
             if out.x is not None:
                 point, inside = witness(out.x, lo, hi)
@@ -365,7 +374,7 @@ class MILPBounder(Bounder):
                 if value <= 0:
                     return PointSearch("found", out.bound, point, value)
                 last = dict(point=point, value=value)
-            if out.bound > DECIDE and out.status in ("optimal", "stopped"):   # clear of the solver's tolerance
+            if out.bound > margin and out.status in ("optimal", "stopped"):   # clear of the solver's tolerance
                 return PointSearch("refuted", out.bound)
             if out.status == "time_limit":
                 return PointSearch("time_limit", out.bound, **last)
@@ -382,13 +391,15 @@ class MILPBounder(Bounder):
         the sign of every margin ``f_y − f_j``.
 
         Per example: the centre is checked first (a misclassified centre is its own counterexample);
-        rows the intermediate bounder already certifies are skipped when ``trust_dual`` (its bounds are
-        sound); the primal heuristic looks for a counterexample; the rest are solved most-doubtful first,
-        each stopping as soon as its sign is decided — HiGHS: ``objective_bound`` = +1e-6 (prune nodes
-        whose bound reaches it) and ``objective_target`` = −1e-6 (stop at such an incumbent); CBC:
-        ``cutoff`` +1e-6 and ``maxSolutions 1``. A found incumbent counts only once the network, run on
-        its input, confirms some ``f_j ≥ f_y``; then the example stops. A sign still undecided after the
-        early stop is solved to optimality; a minimum margin of 0 within tolerance is "unknown".
+        rows the intermediate bounder (run on the float64 network) already certifies, above
+        :func:`decide_margin`, are skipped when ``trust_dual``; the primal heuristic looks for a
+        counterexample; the rest are solved most-doubtful first, each stopping as soon as its sign is
+        decided — HiGHS: ``objective_bound`` = +2δ (prune nodes whose bound reaches it) and
+        ``objective_target`` = −δ (stop at such an incumbent); CBC: ``cutoff`` +2δ and ``maxSolutions 1``,
+        δ = :func:`decide_margin` of the row (``DECIDE · max(1, scale)``, 1e-5 relative: clear of the
+        solvers' tolerances). A found incumbent counts only once the network, run on its input, confirms
+        some ``f_j ≥ f_y``; then the example stops. A sign still undecided after the early stop is solved
+        to optimality; a minimum margin within δ of 0 is "unknown".
         ``time_limit``: seconds per example, all rows together.
         """
         network, region = self.prepare(model, region)
@@ -401,7 +412,8 @@ class MILPBounder(Bounder):
         C = check_objective(margin_matrix(y, network.output_size), network, region)
         if self.device is not None:
             network, region, C = network.to(self.device), region.to(self.device), C.to(self.device)
-        prob = self.exact_problem(network, region, C)
+        f64 = dict(dtype=torch.float64)   # the trusted dual rows are float64 bounds (numerical honesty)
+        prob = self.exact_problem(network.to(**f64), region.to(**f64), C.to(**f64))
         res = dict(margin=torch.full((B,), -math.inf, dtype=torch.float64),
                    counterexample=torch.full((B, *shape), math.nan, dtype=torch.float64),
                    counterexample_margin=torch.full((B,), math.nan, dtype=torch.float64))
@@ -430,7 +442,9 @@ class MILPBounder(Bounder):
 
         if refuted(prob.reg64.x[b].reshape(-1).numpy()):
             return "counterexample"
-        todo = [r for r in torch.argsort(row_lower).tolist() if not (trust_dual and row_lower[r] > 0)]
+        trusted = [float(row_lower[r]) > decide_margin(float(row_lower[r]), float(prob.upper[b, r]))
+                   for r in range(len(rows))]
+        todo = [r for r in torch.argsort(row_lower).tolist() if not (trust_dual and trusted[r])]
         guesses = {}
         if todo and self.heuristic_steps:  # a quick counterexample search first
             points, values = self.heuristic(prob, b, rows[todo])
@@ -454,16 +468,17 @@ class MILPBounder(Bounder):
         return "certified" if not pending else worst(pending, VERDICT_ORDER)
 
     def _decide_row(self, prob, b, system, model, r, guess, budget, refuted):
-        """The sign of margin row r: ("certified", proven bound > ``DECIDE``, clear of the solver's
-        tolerance), ("counterexample", _) (recorded by ``refuted``), or an undecided verdict ("time_limit",
+        """The sign of margin row r: ("certified", proven bound > :func:`decide_margin`, clear of the solver's
+        tolerances), ("counterexample", _) (recorded by ``refuted``), or an undecided verdict ("time_limit",
         "unknown", "error: …")."""
         lo, hi = prob.box(b)
         cost, const = system.cost(prob.C64[b, r].numpy())
         start = system.assignment(guess) if guess is not None else None
+        margin = decide_margin(float(prob.lower[b, r]), float(prob.upper[b, r]))
         for early in (True, False):
             if budget.expired:
                 return "time_limit", None
-            stops = dict(stop_above=2 * DECIDE, stop_below=-DECIDE) if early else {}
+            stops = dict(stop_above=2 * margin, stop_below=-margin) if early else {}
             out = model.solve(cost, const, time_limit=budget.remaining(), start=start, **stops)
             if out.x is not None:
                 point, inside = witness(out.x, lo, hi)
@@ -471,7 +486,7 @@ class MILPBounder(Bounder):
                     return WITNESS_ERROR, None
                 if refuted(point):
                     return "counterexample", None
-            if out.bound > DECIDE and out.status in ("optimal", "stopped"):
+            if out.bound > margin and out.status in ("optimal", "stopped"):
                 return "certified", out.bound
             if out.status == "time_limit":
                 return "time_limit", None
@@ -479,4 +494,4 @@ class MILPBounder(Bounder):
                 return error_status("the solver found the MILP infeasible (numerical trouble)"), None
             if out.status.startswith("error"):
                 return out.status, None
-        return "unknown", None  # solved to optimality: the minimum margin is 0 within tolerance
+        return "unknown", None  # solved to optimality: the minimum margin is within the margin of 0

@@ -83,3 +83,69 @@ def test_cross_check_rejects_unknown_methods():
     net = make_mlp([3, 4, 2])
     with pytest.raises(ValueError, match="unknown cross_check method"):
         pl.cross_check(net, pl.LinfBall(torch.zeros(1, 3, dtype=torch.float64), 0.1), methods=["nope"])
+
+
+def test_cross_check_has_a_bab_row_equal_to_the_milp():
+    net = make_mlp([3, 6, 6, 2], seed=2)
+    region = pl.LinfBall(random_inputs((3,), batch=1, seed=3), 0.3)
+    df = pl.cross_check(net, region, methods=["dual", "lp", "milp", "bab"], attack_steps=20)
+    assert {"bab", "milp"} <= set(df["method"])
+    assert (df.loc[df["method"] != "pgd attack", "verdict"] == "ok").all(), df
+    exact = df[df["method"].isin(["milp", "bab"])]
+    assert (exact["status"] == "optimal").all()
+    milp, bab = (df[df["method"] == k].set_index(["example", "row"]) for k in ("milp", "bab"))
+    np.testing.assert_allclose(bab[["lower", "upper"]], milp[["lower", "upper"]], atol=1e-4)
+
+
+def test_cross_check_flags_a_bab_that_disagrees_with_the_milp():
+    """An "optimal" exact backend off the MILP by more than the tolerance is named in the verdict."""
+    class Shifted(pl.Bounder):
+        name = "shifted-exact-for-test"
+
+        def _bound(self, network, region, C):
+            b = pl.Bounder.create("milp", threads=1)._bound(network, region, C)
+            return pl.Bounds(b.lower - 0.01, b.upper + 0.01, b.intermediate, b.status)   # sound, not exact
+
+    saved = pl.checks.CROSS_CHECK_METHODS["bab"]
+    try:
+        pl.checks.CROSS_CHECK_METHODS["bab"] = ("shifted-exact-for-test", {})
+        net = make_mlp([3, 8, 2], seed=1)
+        df = pl.cross_check(net, pl.LinfBall(random_inputs((3,), batch=1), 0.1), methods=["milp", "bab"])
+        for label in ("milp", "bab"):
+            verdict = df.loc[df["method"] == label, "verdict"]
+            assert verdict.str.contains("both optimal").all(), verdict
+    finally:
+        pl.checks.CROSS_CHECK_METHODS["bab"] = saved
+        pl.Bounder.registry.pop("shifted-exact-for-test", None)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_looseness_parts_are_nonnegative_and_sum_to_the_gap(seed):
+    """dual → LP (α) → LP-ALL (intermediate bounds) → exact (relaxation): each part ≥ −tol, sum = gap;
+    the exact value from bab and from the MILP agree."""
+    net = make_mlp([3, 8, 8, 2], seed=seed)
+    region = pl.LinfBall(random_inputs((3,), batch=1, seed=seed + 5), 0.6)
+    C = torch.tensor([[1.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    tab = checks.looseness(net, region, C, exact="bab")
+    assert len(tab) == 2 * 2 and (tab["exact_status"] == "optimal").all()
+    parts = tab[["alpha", "intermediate", "relaxation"]]
+    tol = checks.slack(tab["exact"], 1e-5)
+    assert (parts.ge(-tol, axis=0)).all().all(), tab
+    np.testing.assert_allclose(parts.sum(axis=1), tab["gap"], atol=1e-9)
+    assert (parts > 1e-4).all().all()    # at ε = 0.6 every step tightens: the decomposition is not vacuous
+    milp = checks.looseness(net, region, C, exact="milp", exact_options={"threads": 1})
+    np.testing.assert_allclose(milp["exact"], tab["exact"], atol=1e-4)
+    lower = tab[tab["side"] == "lower"]
+    np.testing.assert_allclose(lower["dual"], pl.Bounder.create("dual", alpha="fixed").bound(net, region, C)
+                               .lower.reshape(-1).numpy(), rtol=1e-9)
+
+
+def test_cross_check_reports_looseness_on_request():
+    net = make_mlp([3, 8, 2], seed=4)
+    region = pl.LinfBall(random_inputs((3,), batch=1), 0.2)
+    df = pl.cross_check(net, region, methods=["dual", "milp"], looseness=True)
+    tab = df.attrs["looseness"]
+    assert set(tab["side"]) == {"lower", "upper"} and len(tab) == 2 * 2
+    np.testing.assert_allclose(tab[["alpha", "intermediate", "relaxation"]].sum(axis=1), tab["gap"], atol=1e-9)
+    with pytest.raises(ValueError, match="exact must be"):
+        checks.looseness(net, region, exact="grid")

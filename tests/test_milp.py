@@ -298,3 +298,49 @@ def test_estimated_intermediate_bounds_are_refused():
     region = pl.LinfBall(random_inputs((3,), batch=1, seed=17), 0.2)
     with pytest.raises(ValueError, match="estimates"):
         _milp(intermediate=pl.Bounder.create("dual", proj=2)).bound(model, region)
+
+
+# ---------------------------------------------------------------- numerical honesty of every certify
+
+def constant_margin_net(delta, dtype=torch.float64, n_in=3):
+    """A ReLU net whose margin ``f_0 − f_1`` is ``delta`` on every input (zero last weights, bias (δ, 0)),
+    with unstable hidden units: every backend's bound of that margin is δ."""
+    net = make_mlp([n_in, 6, 2], seed=3, dtype=dtype)
+    with torch.no_grad():
+        net[-1].weight.zero_()
+        net[-1].bias.copy_(torch.tensor([delta, 0.0], dtype=dtype))
+    return net
+
+
+@pytest.mark.parametrize("name, options", [("interval", {}), ("dual", {"alpha": "fixed"}), ("lp", {}),
+                                           ("milp", {"threads": 1}), ("milp", {"threads": 1, "trust_dual": False}),
+                                           ("bab", {"split": "relu", "time_limit": 5})])
+def test_a_margin_within_the_tolerance_is_unknown_not_certified(name, options):
+    """A margin positive by less than the backend's stated tolerance gives "unknown"; clear of it, "certified"."""
+    from polytope_lab.bab.bounder import CERTIFY_TOL as BAB_TOL
+    from polytope_lab.bounds import CERTIFY_TOL
+    certify_options = {k: options.pop(k) for k in ("trust_dual",) if k in options}
+    bounder = pl.Bounder.create(name, **options)
+    tol = {"milp": milp_module.DECIDE, "bab": BAB_TOL}.get(name, bounder.certify_tol)
+    x = random_inputs((3,), batch=1)
+    for delta, expected in ((tol / 2, "unknown"), (1e-3, "certified")):
+        cert = bounder.certify(constant_margin_net(delta), pl.LinfBall(x, 0.2), torch.tensor([0]), **certify_options)
+        assert cert.status == [expected], (name, delta, cert.status)
+    assert milp_module.DECIDE == pytest.approx(1e-5) and CERTIFY_TOL == 1e-9
+
+
+def test_a_float32_bound_is_rechecked_in_float64():
+    """A float32 net whose float32 dual bound is positive by 1e-10 (< CERTIFY_TOL): the float64 recheck
+    leaves it "unknown"; a clear margin stays "certified" (verdicts of float32 nets otherwise unchanged)."""
+    x = random_inputs((3,), batch=1, dtype=torch.float32)
+    dual = pl.Bounder.create("dual", alpha="fixed")
+    for delta, expected in ((1e-10, "unknown"), (1e-3, "certified")):
+        net = constant_margin_net(delta, dtype=torch.float32)
+        assert dual.bound(net, pl.LinfBall(x, 0.2), [[1.0, -1.0]]).lower.item() > 0
+        assert dual.certify(net, pl.LinfBall(x, 0.2), torch.tensor([0])).status == [expected]
+    net = make_mlp([3, 16, 16, 3], seed=4, dtype=torch.float32)
+    xs = random_inputs((3,), batch=6, dtype=torch.float32)
+    for eps in (0.01, 0.05):
+        region = pl.LinfBall(xs, eps)
+        b = dual.bound(net, region, pl.margin_matrix(net(xs).argmax(1), 3))
+        assert dual.certify(net, region).certified.tolist() == b.certified.tolist()

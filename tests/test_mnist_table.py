@@ -144,3 +144,21 @@ def test_missing_milp_backend_is_noted(quick_run, tmp_path, monkeypatch):
     table = mnist_table.main(argv[:1] + ["--out", str(copy)] + argv[3:])
     assert table["MILP images"].eq(0).all() and table[COLUMNS[12]].isna().all()
     assert "MILP columns skipped" in (copy / "table.md").read_text()
+
+
+
+def test_exact_option_chooses_the_exact_backend():
+    """``--exact bab``: the exact ("MILP") columns by branch and bound with the same time limit; the key of
+    those cells changes (no mixing with stored MILP cells), the others' keys do not; the notes say so."""
+    from polytope_lab.bab import BaBBounder
+    from polytope_lab.milp import MILPBounder
+    milp_args, bab_args = mnist_table.parse_args(["--quick"]), mnist_table.parse_args(["--quick", "--exact", "bab"])
+    assert milp_args.exact == "milp" and bab_args.exact == "bab"
+    milp, bab = mnist_table.exact_bounder(milp_args), mnist_table.exact_bounder(bab_args)
+    assert isinstance(milp, MILPBounder) and isinstance(bab, BaBBounder)
+    assert bab.time_limit == milp.time_limit == milp_args.milp_time_limit
+    spec = {"mode": "standard"}
+    a, b = mnist_table.cell_keys(spec, milp_args, None), mnist_table.cell_keys(spec, bab_args, None)
+    assert a["milp"] != b["milp"] and all(a[k] == b[k] for k in a if k != "milp")
+    assert any("branch and bound" in line for line in mnist_table.notes(bab_args, True))
+    assert not any("branch and bound" in line for line in mnist_table.notes(milp_args, True))

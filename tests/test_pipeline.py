@@ -294,19 +294,19 @@ def test_find_point_decides_conjunctions_and_boundary_cases():
 
 
 def test_a_solver_bound_within_its_tolerance_never_refutes(monkeypatch):
-    """Refuting needs a proven bound clear of the solver's tolerance (> DECIDE = 1e-6): a solver that
-    reports an "optimal" bound of 0.5e-6 with no point, or any bound it does not vouch for, leaves the
+    """Refuting needs a proven bound clear of the solver's tolerance (> decide_margin, 1e-5 · max(1, scale)):
+    a solver that reports an "optimal" bound of 5e-6 with no point, or any bound it does not vouch for, leaves the
     disjunct open, never refuted."""
     net = tiny_net()
     box = pl.Box(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64))
     m = pl.Bounder.create("milp", threads=1).bound(net, box)
     b = [float(m.lower[0, 0]) + 1e-3]   # the dual cannot refute it: the solver must decide
-    for outcome in (solvers.Outcome("optimal", bound=0.5e-6), solvers.Outcome("inaccurate", bound=1.0),
+    for outcome in (solvers.Outcome("optimal", bound=5e-6), solvers.Outcome("inaccurate", bound=1.0),
                     solvers.Outcome("stopped", bound=1e-7)):
         monkeypatch.setattr(solvers.HighsAdapter, "solve", lambda self, *a, _o=outcome, **k: _o)
         out = MILPBounder(threads=1).find_point(net, box, [[1.0, 0]], b)
         assert out.status != "refuted", (outcome, out)
-    monkeypatch.setattr(solvers.HighsAdapter, "solve", lambda self, *a, **k: solvers.Outcome("optimal", bound=2e-6))
+    monkeypatch.setattr(solvers.HighsAdapter, "solve", lambda self, *a, **k: solvers.Outcome("optimal", bound=1e-3))
     assert MILPBounder(threads=1).find_point(net, box, [[1.0, 0]], b).status == "refuted"
 
 

@@ -130,3 +130,18 @@ def test_part_b_on_mnist(tmp_path, monkeypatch):
     no_recomputation(monkeypatch)
     tightness.main(args)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "mnist_images.csv"), before)
+
+
+def test_exact_column_by_bab_equals_the_milp(quick_a, tmp_path):
+    """``--exact bab``: part A's exact column (label "milp") by branch and bound: the same ranges as the
+    MILP's within bab's tolerance, "optimal", and recorded in settings.json."""
+    _, first = quick_a
+    args = ["--quick", "--parts", "A", "--eps", "0.05", "--methods", "dual", "milp", "--exact", "bab"]
+    table = tightness.main([*args, "--out", str(tmp_path / "bab")])["random_net"]
+    key = ["eps", "coordinate", "method"]
+    bab = table[table["method"] == "milp"].set_index(key)
+    milp = first.set_index(key).loc[bab.index]
+    assert (bab["status"] == "optimal").all()
+    for col in ["lower", "upper"]:
+        assert ((bab[col] - milp[col]).abs() <= 1e-4 * milp[col].abs().clip(lower=1)).all(), (bab, milp)
+    assert '"exact": "bab"' in (tmp_path / "bab" / "settings.json").read_text()

@@ -1,10 +1,13 @@
 """experiments.toy2d: the CLI, the files of a --quick run, the sandwich of its numbers, determinism."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
+import polytope_lab as pl
 from experiments import cli, toy2d
+from polytope_lab import models
 
 FILES = ["polytopes.png", "polytopes_box.png", "classifiers.png", "training.png", "polytopes.csv", "polytopes.md",
          "polytopes.json", "classifiers.csv", "classifiers.md", "classifiers.json", "training_log.csv", "toy2d.json"]
@@ -84,3 +87,19 @@ def test_same_seed_same_numbers(quick, tmp_path):
         a, b = (pd.read_csv(d / name) for d in (quick[0], tmp_path))
         keep = [c for c in a.columns if c not in TIMING]
         pd.testing.assert_frame_equal(a[keep], b[keep], check_exact=True)
+
+
+def test_exact_support_lines_by_bab_equal_the_milp():
+    """``--exact bab``: the exact support lines (max of cᵀf over the box per direction) by branch and bound
+    are the MILP's, both optimal, and touch the true set (the grid's image)."""
+    args, cfg = toy2d.parse_args(["--quick", "--exact", "bab"])
+    assert cfg["exact"] == "bab"
+    net, x0 = models.random_network(cfg["sizes"], 3)
+    region = pl.LinfBall(x0, 0.1)
+    shapes = {}
+    for exact in ("milp", "bab"):
+        cfg = {**cfg, "exact": exact}
+        row, shapes[exact] = toy2d.outer_bounds(net, region, cfg, toy2d.make_bounders(cfg, "cpu"), "cpu")
+        assert row["milp_optimal"] == f"{2 * cfg['milp_directions']}/{2 * cfg['milp_directions']}"
+        assert row["max_violation"] <= 1e-6 and row["milp_touch_gap"] <= 0.05
+    np.testing.assert_allclose(shapes["bab"]["milp"]["values"], shapes["milp"]["milp"]["values"], atol=1e-4)

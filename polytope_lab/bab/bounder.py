@@ -1,8 +1,10 @@
 """The branch-and-bound backend: :class:`BaBBounder` (``Bounder.create("bab", ...)``), exact like the MILP.
 
 Everything runs on a float64 CPU copy of the network (as the MILP's solver does): the guarantee is for the
-network's weights evaluated in exact arithmetic, and a float64 dual bound decides only above
-``BOUND_TOL`` (docs/bab.md).
+network's weights evaluated in exact arithmetic. ``certify`` and ``find_point`` decide a sign only with a
+margin: every subdomain's bound must exceed ``CERTIFY_TOL · max(1, |value at the centre|)`` (+ ``BOUND_TOL``
+for a dual bound, + the leaf LP's own slack), which covers the float64 rounding of the dual and HiGHS's
+tolerances scaled by the problem's magnitude (docs/bab.md, "The guarantee").
 """
 from __future__ import annotations
 
@@ -12,13 +14,23 @@ import time
 import numpy as np
 import torch
 
-from .leaves import row_maximum
+from .leaves import leaf_slack, row_maximum
 from .search import BRANCHING, SPLITS, Search, Settings
 from ..bounds import Bounder, Bounds, Certification, certified_labels, check_objective, error_status, margin_matrix
 from ..milp import PointSearch
 from ..network import Network
 from ..regions import Box, LinfBall
 from ..solvers import Budget
+
+
+#: certify/find_point decide a sign only above this · max(1, |value at the centre|) (the leaf LP's
+#: tolerance, :func:`leaves.leaf_slack`, scaled by the problem's magnitude)
+CERTIFY_TOL = leaf_slack(0.0)
+
+
+def decide_offsets(values: torch.Tensor) -> torch.Tensor:
+    """Per problem, the margin ``CERTIFY_TOL · max(1, |value|)`` its minimum must exceed to be decided."""
+    return CERTIFY_TOL * values.abs().clamp(min=1.0)
 
 
 def _progress(enabled: bool, desc: str):
@@ -119,8 +131,9 @@ class BaBBounder(Bounder):
     def certify(self, model, region: Box, y=None) -> Certification:
         """Is every point of ``region`` classified as ``y`` (None: the prediction at the centre)? Per
         example the margins ``f_y − f_j`` are searched together, each closing once its lower bound is
-        > ``BOUND_TOL``; a point of the region with some margin ≤ 0 on the float64 network is a
-        counterexample (and ends the example). "certified" only when every margin closed."""
+        > δ + ``BOUND_TOL``, δ = :func:`decide_offsets` of its value at the centre; a point of the region
+        with some margin ≤ 0 on the float64 network is a counterexample (and ends the example), one with a
+        margin in (0, δ] makes it "unknown". "certified" only when every margin closed."""
         network, region = self.prepare(model, region)
         y = certified_labels(network, region, y)
         B, shape = region.batch_size, network.input_shape
@@ -141,10 +154,11 @@ class BaBBounder(Bounder):
                 statuses.append("counterexample")
                 cex[b], cex_margin[b] = centre[0], float(at.min())
             else:
-                search = self._search(net64, reg64.select([b]), rows, torch.zeros(len(rows), 1, dtype=torch.float64),
+                delta = decide_offsets(at)
+                search = self._search(net64, reg64.select([b]), rows, delta.reshape(-1, 1),
                                       True, Budget(self.time_limit), f"bab certify {b}")
                 statuses.append(self._verdict(search, net64, C[b], b, cex, cex_margin))
-                margin[b] = float(search.lower().min())
+                margin[b] = float((search.lower() + delta).min())
             seconds.append(time.perf_counter() - start)
         return Certification(statuses, margin.to(device=dev, dtype=dt), cex.to(device=dev, dtype=dt),
                              cex_margin.to(device=dev, dtype=dt), y, seconds, method="bab")
@@ -157,10 +171,11 @@ class BaBBounder(Bounder):
                 x = search.U_x[p].reshape(1, *net64.input_shape)
                 with torch.no_grad():
                     value = float((rows @ net64(x)[0]).min())
-                if value <= 0 and bool(search.region.contains(x).all()):   # the witness check
+                inside = bool(search.region.contains(x).all())
+                if value <= 0 and inside:   # the witness check
                     cex[b], cex_margin[b] = x[0], value
                     return "counterexample"
-                return error_status("a counterexample failed the witness check")
+                return "unknown" if inside else error_status("a counterexample failed the witness check")
         if search.open_problems():
             return search.limit_status() if search.limit_status() == "time_limit" else "unknown"
         if any(s.startswith("error") for s in search.failed.values()):
@@ -174,8 +189,9 @@ class BaBBounder(Bounder):
     def find_point(self, model, region: Box, A, b, time_limit=None) -> PointSearch:
         """Is there ``x'`` in ``region`` (one example) with ``A f(x') ≤ b`` in every row jointly? Branch and
         bound on ``max_k (A_k f − b_k)``: "refuted" once every subdomain has a row whose lower bound is
-        > ``BOUND_TOL`` (``bound``: the proven minimum), "found" with a point checked on the float64
-        network (value ≤ 0), else "time_limit"/"unknown" (the minimum is 0 within a leaf's tolerance).
+        > δ + ``BOUND_TOL`` (δ = :func:`decide_offsets` of the value at the centre; ``bound``: the proven
+        minimum), "found" with a point checked on the float64 network (value ≤ 0), else
+        "time_limit"/"unknown" (the minimum is within δ of 0).
         Same answer as :meth:`MILPBounder.find_point`."""
         return self.find_points(model, region, [(A, b)], time_limit)[0]
 
@@ -194,8 +210,10 @@ class BaBBounder(Bounder):
         net64, reg64 = self.float64(network, region)
         C, offset = self.stacked(net64, reg64, disjuncts)
         limit = self.time_limit if time_limit is None else time_limit
-        search = self._search(net64, reg64, C, offset, True, Budget(limit), "bab find_point")
-        return [self._point_result(search, net64, reg64, p) for p in range(len(C))]
+        centres = reg64.project(reg64.x).expand(len(C), *net64.input_shape)
+        delta = decide_offsets(row_maximum(net64, centres, C, offset))
+        search = self._search(net64, reg64, C, offset + delta[:, None], True, Budget(limit), "bab find_point")
+        return [self._point_result(search, net64, reg64, p, offset[p:p + 1], float(delta[p])) for p in range(len(C))]
 
     @staticmethod
     def stacked(net64, reg64, disjuncts) -> tuple:
@@ -215,17 +233,22 @@ class BaBBounder(Bounder):
         return C, offset
 
     @staticmethod
-    def _point_result(search: Search, net64, reg64, p: int) -> PointSearch:
-        """Problem p's answer; a found point is re-run on the network (the witness check)."""
-        bound = float(search.lower()[p])
-        C, offset = search.C[p:p + 1], search.offset[p:p + 1]
+    def _point_result(search: Search, net64, reg64, p: int, offset: torch.Tensor, delta: float) -> PointSearch:
+        """Problem p's answer (searched with its offset raised by δ); a found point is re-run on the network
+        against the original offset (the witness check): value ≤ 0 is "found", in (0, δ] "unknown"."""
+        bound = float(search.lower()[p]) + delta
+        C = search.C[p:p + 1]
         if search.state[p] == "found":
             x = search.U_x[p]
             value = float(row_maximum(net64, x.reshape(1, *net64.input_shape), C, offset)[0])
-            if value <= 0 and bool(reg64.contains(x.reshape(1, *net64.input_shape)).all()):
+            inside = bool(reg64.contains(x.reshape(1, *net64.input_shape)).all())
+            if value <= 0 and inside:
                 return PointSearch("found", bound, x.numpy().copy(), value)
+            if inside:    # attained within δ above 0: the sign is not decided
+                return PointSearch("unknown", bound, x.numpy().copy(), value)
             return PointSearch(error_status("a point failed the witness check"))
-        last = {} if search.U_x[p] is None else dict(point=search.U_x[p].numpy().copy(), value=float(search.U[p]))
+        last = {} if search.U_x[p] is None else dict(point=search.U_x[p].numpy().copy(),
+                                                     value=float(search.U[p]) + delta)
         if p in search.open_problems():
             return PointSearch("unknown" if search.found else "time_limit", bound, **last)
         failed = search.failed.get(p)
@@ -237,4 +260,4 @@ class BaBBounder(Bounder):
         return PointSearch("refuted", bound)
 
 
-__all__ = ["BaBBounder"]
+__all__ = ["BaBBounder", "CERTIFY_TOL", "decide_offsets"]
