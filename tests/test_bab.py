@@ -85,6 +85,21 @@ def test_a_time_limit_gives_a_sound_bound_and_its_status():
     assert (b.lower >= d.lower - 1e-9).all()
 
 
+
+def test_the_time_limit_binds_on_a_conv_net_root():
+    """The root stages (optimised bound, tightened intermediate bounds over every conv unit) stop at the
+    time limit: a random MNIST ConvNet, whose tightening alone takes minutes, ends near a 1 s limit."""
+    import time
+    from polytope_lab import models
+    torch.manual_seed(0)
+    model = models.mnist_convnet()
+    region = pl.LinfBall(torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(1)), 0.02, clip=(0, 1))
+    start = time.perf_counter()
+    c = _bab(time_limit=1.0).certify(model, region)
+    assert c.status == ["time_limit"]
+    assert time.perf_counter() - start < 30   # minutes without the budget checks; generous for a loaded CI
+
+
 def test_find_point_through_the_pipeline():
     """A conjunction satisfiable row by row but not jointly is unsat; a reachable one is sat, with a
     counterexample that the pipeline re-checked on the float64 network."""

@@ -103,7 +103,8 @@ class Search:
     def tighten(self):
         """Tighten the root's intermediate bounds by optimised α (once; dearer than a root bound on conv nets)."""
         if self.s.root_steps and not self.tightened:
-            self.root = tightened_bounds(self.net, self.region, self.root, self.s.root_steps, self.s.lr)
+            self.root = tightened_bounds(self.net, self.region, self.root, self.s.root_steps, self.s.lr,
+                                         budget=self.budget)
         self.tightened = True
 
     # ---------------------------------------------------------------- incumbents and closing
@@ -230,7 +231,7 @@ class Search:
             with torch.no_grad():
                 bounds = intermediate_bounds(self.net, region)
             signs = [torch.zeros(l.shape, dtype=torch.int8) for l, _ in bounds]
-            out = split_dual(self.net, region, bounds, signs, C, steps=steps, lr=self.s.lr)
+            out = split_dual(self.net, region, bounds, signs, C, steps=steps, lr=self.s.lr, budget=self.budget)
         else:
             lo, hi = self.lo.expand(len(nodes), -1), self.hi.expand(len(nodes), -1)
             region = self.region.select(torch.zeros(len(nodes), dtype=torch.long))
@@ -240,7 +241,8 @@ class Search:
             warm = nodes[0].alpha is not None
             alpha, beta = (self.layers([n.alpha for n in nodes]), self.layers([n.beta for n in nodes])) if warm \
                 else (None, None)
-            out = split_dual(self.net, region, bounds, signs, C, alpha, beta, steps, self.s.lr, self.s.lr_beta)
+            out = split_dual(self.net, region, bounds, signs, C, alpha, beta, steps, self.s.lr, self.s.lr_beta,
+                             budget=self.budget)
         values = (out.lower - offset).amax(1)
         self.candidates(nodes, out.omega_input, lo, hi, C, offset)
         branch = self.input_branch(out.omega_input, lo, hi) if self.input_mode else self.relu_branch(out, bounds, signs)

@@ -50,14 +50,15 @@ def initial_alpha(bounds: list, K: int) -> list:
 
 
 def split_dual(network: Network, region: Region, bounds: list, signs: list, C: torch.Tensor, alpha=None,
-               beta=None, steps: int = 10, lr: float = 0.1, lr_beta: float = 0.05) -> SplitBound:
+               beta=None, steps: int = 10, lr: float = 0.1, lr_beta: float = 0.05, budget=None) -> SplitBound:
     """Sound lower bounds of ``C f(x')`` over N subdomains (one batched dual call per step).
 
     region: N examples (the subdomains' input sets); bounds: root (l, u) per ReLU layer, (N, *shape);
     signs: split signs per layer, (N, *shape), in {−1, 0, +1}; C (N, K, n_out). alpha, beta: warm starts
     per layer (N, K, *shape) (default: α = u/(u−l), β = 0). Projected Adam on (α, β) for ``steps`` steps
     (α ∈ [0, 1], β ≥ 0 and 0 off the split units); every iterate is a sound bound and the best per row is
-    kept. With ``steps=0`` only the start is evaluated.
+    kept. With ``steps=0`` only the start is evaluated. ``budget`` (a :class:`~polytope_lab.solvers.Budget`):
+    stop early once it expires (the best iterate so far is returned; each is sound).
     """
     clipped = split_bounds([(l.detach(), u.detach()) for l, u in bounds], signs)
     N, K = C.shape[:2]
@@ -79,7 +80,7 @@ def split_dual(network: Network, region: Region, bounds: list, signs: list, C: t
             J, _ = backward(network, region, clipped, rows, len(network.affines) - 1, alpha, splits=splits,
                             record=record)
             best = J.detach() if best is None else torch.maximum(best, J.detach())
-            if step == steps:
+            if step == steps or (budget is not None and budget.expired):
                 break
             grads = torch.autograd.grad(-J.sum(), free)
         for t, g in zip(free, grads):
@@ -94,7 +95,8 @@ def split_dual(network: Network, region: Region, bounds: list, signs: list, C: t
     return SplitBound(best, [a.detach() for a in alpha], [b.detach() for b in beta], hats[1:], hats[0])
 
 
-def tightened_bounds(network: Network, region: Region, bounds: list, steps: int = 20, lr: float = 0.1) -> list:
+def tightened_bounds(network: Network, region: Region, bounds: list, steps: int = 20, lr: float = 0.1,
+                     budget=None) -> list:
     """The root's intermediate bounds tightened layer by layer by optimised α: for each ReLU layer i ≥ 1,
     the rows ±e_j of its unstable units bounded through the truncated network ``A_1 … A_i`` (skips
     included) by :func:`split_dual` (no splits), with the layers below already tightened; the
@@ -102,6 +104,8 @@ def tightened_bounds(network: Network, region: Region, bounds: list, steps: int 
     out = [(l.clone(), u.clone()) for l, u in bounds]
     B = region.batch_size
     for i in range(1, len(out)):
+        if budget is not None and budget.expired:
+            break
         l, u = (t.reshape(B, -1) for t in out[i])
         units = torch.nonzero(((l < 0) & (u > 0)).any(0)).reshape(-1)
         if not len(units):
@@ -112,7 +116,7 @@ def tightened_bounds(network: Network, region: Region, bounds: list, steps: int 
         eye[torch.arange(len(units)), units] = 1.0
         C = torch.cat([eye, -eye]).unsqueeze(0).expand(B, -1, -1)
         signs = [torch.zeros(t.shape, dtype=torch.int8) for t, _ in out[:i]]
-        J = split_dual(sub, region, out[:i], signs, C, steps=steps, lr=lr).lower
+        J = split_dual(sub, region, out[:i], signs, C, steps=steps, lr=lr, budget=budget).lower
         l[:, units] = torch.maximum(l[:, units], J[:, :len(units)])
         u[:, units] = torch.minimum(u[:, units], -J[:, len(units):])
         out[i] = (l.reshape(out[i][0].shape), u.reshape(out[i][1].shape))
