@@ -144,10 +144,14 @@ def main(argv=None):
         X, y = data.mnist("test", root=args.data_dir)
         X, y = X[:args.first].reshape(-1, *shape), y[:args.first]
         store = args.store or Path(args.out) / STORE_FILE
-        frame = pl.verify_dataset(model, X, y, args.eps, clip=args.clip, backend=args.backend, options=args.options,
-                                  client=args.scheduler, workers=args.workers, store=store,
-                                  progress=not args.no_progress, chunk_size=args.chunk_size,
-                                  batch_size=args.batch_size, retries=args.retries)
+        try:
+            frame = pl.verify_dataset(model, X, y, args.eps, clip=args.clip, backend=args.backend,
+                                      options=args.options, client=args.scheduler, workers=args.workers, store=store,
+                                      progress=not args.no_progress, chunk_size=args.chunk_size,
+                                      batch_size=args.batch_size, retries=args.retries)
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted: the results finished so far are in {store}; "
+                             "the same command resumes from them") from None
     row = report(frame, args)
     stem = Path(args.out) / f"verify-{row['settings']}"
     paths = runs.export_results(frame, stem)
