@@ -10,6 +10,7 @@ from .backward import dual_objective
 from .chunked import column_chunked_bounds
 from .intermediate import FLOAT_BYTES, intermediate_bounds
 from .projections import check_proj
+from .tight import SLOPES, ascend, optimized_bounds, slope_bounds
 from ..bounds import Bounder, Bounds, EstimatedBounds
 from ..network import Network
 
@@ -47,10 +48,22 @@ class DualBounder(Bounder):
 
     name = "dual"
 
-    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=20, lr=0.2,
-                 proj=None, seed=0, column_chunk=None, devices=None):
+    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=20, lr=None,
+                 proj=None, seed=0, column_chunk=None, devices=None, slopes=None, optimize_intermediate=None,
+                 decay=None):
         if alpha not in ("fixed", "optimized"):
             raise ValueError(f"alpha must be 'fixed' or 'optimized', got {alpha!r}")
+        tight = alpha == "optimized"
+        slopes = ("best" if tight else "fixed") if slopes is None else slopes
+        if slopes not in SLOPES:
+            raise ValueError(f"slopes must be one of {SLOPES}, got {slopes!r}")
+        self.slopes = slopes
+        self.optimize_intermediate = tight if optimize_intermediate is None else bool(optimize_intermediate)
+        if self.optimize_intermediate and not tight:
+            raise ValueError("optimize_intermediate needs alpha='optimized'")
+        self.final_only = tight and slopes == "fixed" and not self.optimize_intermediate  # the old optimiser
+        lr = (0.2 if self.final_only else 0.5) if lr is None else lr
+        self.decay = (1.0 if self.final_only else 0.98) if decay is None else decay
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be None or an integer, got {seed!r}")
         if column_chunk is not None and (isinstance(column_chunk, bool) or not isinstance(column_chunk, int)
@@ -74,6 +87,25 @@ class DualBounder(Bounder):
         per_example = FLOAT_BYTES * widest * (network.input_size + sum(sizes))
         return max(1, min(batch, int(self.max_memory // max(per_example, 1))))
 
+    def _final(self, network, region, bounds, frontier, C):
+        """(lower, upper, intermediate bounds used) of C f(x') for one chunk of examples."""
+        m = C.shape[1]
+        if self.alpha == "fixed" and self.slopes == "fixed":
+            with torch.no_grad():
+                lo, up = dual_objective(network, region, bounds, C, frontier=frontier)
+            return lo, up, bounds
+        if self.final_only:
+            both = optimize_alpha(network, region, bounds, torch.cat([C, -C], 1), self.steps, self.lr)
+            return both[:, :m], -both[:, m:], bounds
+        with torch.no_grad():
+            bounds = slope_bounds(network, region, bounds, self.slopes, self.max_memory)
+        if self.optimize_intermediate:
+            bounds = optimized_bounds(network, region, bounds, self.steps, self.lr, self.decay, self.max_memory)
+        steps = self.steps if self.alpha == "optimized" else 0   # 0: the better of fixed and adaptive α
+        rows = torch.cat([C, -C], 1).reshape(C.shape[0], 2 * m, *network.affines[-1].out_shape)
+        both = ascend(network, region, bounds, rows, len(network.affines) - 1, steps, self.lr, self.decay)
+        return both[:, :m], -both[:, m:], bounds
+
     def _bound(self, network, region, C):
         generator = None if self.proj is None or self.seed is None else torch.Generator().manual_seed(self.seed)
         step = self.chunk_size(network, region.batch_size)
@@ -88,13 +120,7 @@ class DualBounder(Bounder):
                     bounds, frontier = intermediate_bounds(network, sub, self.strategy, return_frontier=True,
                                                            proj=self.proj, generator=generator)
             estimated = estimated or (frontier is not None and frontier.estimated)
-            if self.alpha == "fixed":
-                with torch.no_grad():
-                    lo, up = dual_objective(network, sub, bounds, C[idx], frontier=frontier)
-            else:
-                both = optimize_alpha(network, sub, bounds, torch.cat([C[idx], -C[idx]], 1), self.steps, self.lr)
-                m = C.shape[1]
-                lo, up = both[:, :m], -both[:, m:]
+            lo, up, bounds = self._final(network, sub, bounds, frontier, C[idx])
             lowers.append(lo.detach())
             uppers.append(up.detach())
             layers.append(bounds)
