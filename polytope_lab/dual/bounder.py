@@ -18,9 +18,21 @@ from ..network import Network
 class DualBounder(Bounder):
     """Wong–Kolter dual bounds.
 
-    Options: ``alpha`` "fixed" (Algorithm 1's α = u/(u−l)) or "optimized" (projected gradient ascent,
-    ``steps``/``lr``, on every ReLU layer's α in the final objective, one α per objective row; the
-    intermediate bounds keep the fixed α); ``device`` (default: where the region's ``x`` lives, so CPU
+    Options: ``alpha`` "fixed" (Algorithm 1's α = u/(u−l)) or "optimized" (projected gradient ascent, one
+    α per objective row and ReLU layer); ``slopes`` "fixed" | "adaptive" | "best", the lower slopes of the
+    intermediate bounds (:func:`~.tight.slope_bounds`; default "fixed", "best" with alpha="optimized");
+    ``optimize_intermediate`` (default: True with alpha="optimized") also optimises the α of every
+    intermediate layer's bounds, layer by layer (:func:`~.tight.optimized_bounds`; per layer i about
+    ``8·4·B·2q_i·Σ_{j≤i} n_j`` bytes, chunked under ``max_memory``, and ``steps`` backward passes of its
+    2q_i unstable rows with their gradient). ``alpha="optimized"`` with no further options is the tight
+    mode: best slopes, optimised intermediate and final α, ``steps`` 20, ``lr`` 0.5, ``decay`` 0.98 (lr
+    factor per step), early stop; alpha="optimized", slopes="fixed", optimize_intermediate=False is the
+    final-objective-only optimiser over the paper's intermediate bounds (lr 0.2, no decay), whose bound
+    never passes the LP over those bounds. Whenever the slopes are not "fixed" the final objective is the
+    per-row best of fixed and adaptive α (optimised from there) and never looser than the fixed-α dual;
+    ``Bounds.intermediate`` holds the intermediate bounds used. Every choice is sound for every region
+    and for skip connections (the rows are pushed back through the skips); ``proj`` estimates stay
+    estimates (the tightened bounds are then labelled estimated too). ``device`` (default: where the region's ``x`` lives, so CPU
     unless you pass CUDA tensors or ``device="cuda"``; results come back on ``x``'s device);
     ``max_memory`` bytes per chunk of examples (chunking bounds peak memory, results are unchanged);
     ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds. Results carry no gradient
@@ -98,13 +110,14 @@ class DualBounder(Bounder):
             both = optimize_alpha(network, region, bounds, torch.cat([C, -C], 1), self.steps, self.lr)
             return both[:, :m], -both[:, m:], bounds
         with torch.no_grad():
+            lo0, up0 = dual_objective(network, region, bounds, C, frontier=frontier)  # the paper's bound
             bounds = slope_bounds(network, region, bounds, self.slopes, self.max_memory)
         if self.optimize_intermediate:
             bounds = optimized_bounds(network, region, bounds, self.steps, self.lr, self.decay, self.max_memory)
         steps = self.steps if self.alpha == "optimized" else 0   # 0: the better of fixed and adaptive α
         rows = torch.cat([C, -C], 1).reshape(C.shape[0], 2 * m, *network.affines[-1].out_shape)
         both = ascend(network, region, bounds, rows, len(network.affines) - 1, steps, self.lr, self.decay)
-        return both[:, :m], -both[:, m:], bounds
+        return torch.maximum(both[:, :m], lo0), torch.minimum(-both[:, m:], up0), bounds
 
     def _bound(self, network, region, C):
         generator = None if self.proj is None or self.seed is None else torch.Generator().manual_seed(self.seed)
