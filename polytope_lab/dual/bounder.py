@@ -10,7 +10,7 @@ from .backward import dual_objective
 from .chunked import column_chunked_bounds
 from .intermediate import FLOAT_BYTES, intermediate_bounds
 from .projections import check_proj
-from .tight import SLOPES, ascend, optimized_bounds, slope_bounds
+from .tight import SLOPES, ascend, optimized_bounds, optimized_layers, slope_bounds
 from ..bounds import Bounder, Bounds, EstimatedBounds
 from ..network import Network
 
@@ -24,7 +24,9 @@ class DualBounder(Bounder):
     ``optimize_intermediate`` (default: True with alpha="optimized") also optimises the α of every
     intermediate layer's bounds, layer by layer (:func:`~.tight.optimized_bounds`; per layer i about
     ``8·4·B·2q_i·Σ_{j≤i} n_j`` bytes, chunked under ``max_memory``, and ``steps`` backward passes of its
-    2q_i unstable rows with their gradient). ``alpha="optimized"`` with no further options is the tight
+    2q_i unstable rows with their gradient); ``intermediate_layers`` which of them: "auto" (default: those
+    whose rows are cheap, :func:`~.tight.optimized_layers`), an int k (the last k) or None (all).
+    ``alpha="optimized"`` with no further options is the tight
     mode: best slopes, optimised intermediate and final α, ``steps`` 20, ``lr`` 0.5, ``decay`` 0.98 (lr
     factor per step), early stop; alpha="optimized", slopes="fixed", optimize_intermediate=False is the
     final-objective-only optimiser over the paper's intermediate bounds (lr 0.2, no decay), whose bound
@@ -62,7 +64,7 @@ class DualBounder(Bounder):
 
     def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=20, lr=None,
                  proj=None, seed=0, column_chunk=None, devices=None, slopes=None, optimize_intermediate=None,
-                 decay=None):
+                 decay=None, intermediate_layers="auto"):
         if alpha not in ("fixed", "optimized"):
             raise ValueError(f"alpha must be 'fixed' or 'optimized', got {alpha!r}")
         tight = alpha == "optimized"
@@ -76,6 +78,7 @@ class DualBounder(Bounder):
         self.final_only = tight and slopes == "fixed" and not self.optimize_intermediate  # the old optimiser
         lr = (0.2 if self.final_only else 0.5) if lr is None else lr
         self.decay = (1.0 if self.final_only else 0.98) if decay is None else decay
+        self.intermediate_layers = intermediate_layers
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be None or an integer, got {seed!r}")
         if column_chunk is not None and (isinstance(column_chunk, bool) or not isinstance(column_chunk, int)
@@ -113,7 +116,9 @@ class DualBounder(Bounder):
             lo0, up0 = dual_objective(network, region, bounds, C, frontier=frontier)  # the paper's bound
             bounds = slope_bounds(network, region, bounds, self.slopes, self.max_memory)
         if self.optimize_intermediate:
-            bounds = optimized_bounds(network, region, bounds, self.steps, self.lr, self.decay, self.max_memory)
+            layers = optimized_layers(network, bounds, self.intermediate_layers)
+            bounds = optimized_bounds(network, region, bounds, self.steps, self.lr, self.decay, self.max_memory,
+                                      layers)
         steps = self.steps if self.alpha == "optimized" else 0   # 0: the better of fixed and adaptive α
         rows = torch.cat([C, -C], 1).reshape(C.shape[0], 2 * m, *network.affines[-1].out_shape)
         both = ascend(network, region, bounds, rows, len(network.affines) - 1, steps, self.lr, self.decay)

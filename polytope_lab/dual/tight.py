@@ -22,6 +22,7 @@ from ..network import Network
 from ..regions import Region
 
 SLOPES = ("fixed", "adaptive", "best")
+AUTO_WORK = 2 ** 25  # floats per step of one layer's rows that intermediate_layers="auto" optimises
 WORK_FACTOR = 8  # tensors of a row's size alive per layer in one ascent step (α, grad, Adam's 2, ω, ω̂, …)
 
 
@@ -107,10 +108,10 @@ def unit_rows(order: torch.Tensor, valid: torch.Tensor, shape, dtype) -> torch.T
 
 
 def bound_units(network: Network, region: Region, bounds: list, i: int, select: torch.Tensor, steps: int,
-                lr: float, decay: float, max_memory: float):
+                lr: float, decay: float, max_memory: float, adaptive: bool = False):
     """(l, u) of layer i (B, *shape) with the units ``select`` (B, n) re-bounded by :func:`ascend` (``steps``
-    = 0: the better of fixed and adaptive α) over ``bounds`` of the layers below, in chunks of units; the
-    elementwise best of the old and new bounds is kept."""
+    = 0: the better of fixed and adaptive α; ``adaptive``: the adaptive α only) over ``bounds`` of the
+    layers below, in chunks of units; the elementwise best of the old and new bounds is kept."""
     l, u = bounds[i]
     B, shape = l.shape[0], l.shape[1:]
     l, u = l.reshape(B, -1).clone(), u.reshape(B, -1).clone()
@@ -121,7 +122,11 @@ def bound_units(network: Network, region: Region, bounds: list, i: int, select: 
     for start in range(0, q, step):
         order, ok = units.order[:, start:start + step], valid[:, start:start + step]
         rows = unit_rows(order, ok, shape, l.dtype)
-        J = ascend(network, region, bounds, rows, i, steps, lr, decay)
+        if adaptive:
+            alpha = [per_row(adaptive_slopes(*lu), rows.shape[1]) for lu in bounds[:i]]
+            J = backward(network, region, bounds, rows, i, alpha)[0]
+        else:
+            J = ascend(network, region, bounds, rows, i, steps, lr, decay)
         c = order.shape[1]
         lo, up = J[:, :c], -J[:, c:]
         l.scatter_(1, order, torch.where(ok, torch.maximum(l.gather(1, order), lo), l.gather(1, order)))
@@ -139,9 +144,9 @@ def slope_bounds(network: Network, region: Region, fixed: list, slopes: str, max
 
     "fixed": ``fixed`` unchanged. "adaptive": CROWN's chain, layer by layer, every unit of layer i ≥ 1
     bounded by rows ±e_j with the adaptive α over the adaptive bounds below (layer 0 does not depend on
-    slopes). "best": per layer, the units still unstable under the fixed bounds re-bounded with the better
-    of the fixed and the adaptive α per row over the best bounds below, and the elementwise best kept.
-    Cost: one backward pass of 2·(units) rows per layer (two for "best", per candidate α).
+    slopes). "best": per layer, the units still unstable under the fixed bounds re-bounded with the
+    adaptive α over the best bounds below, and the elementwise best of both kept (both sound).
+    Cost: one backward pass of 2·(units) rows per layer i, through layers i … 1.
     """
     if slopes not in SLOPES:
         raise ValueError(f"slopes must be one of {SLOPES}, got {slopes!r}")
@@ -150,34 +155,51 @@ def slope_bounds(network: Network, region: Region, fixed: list, slopes: str, max
     out = [fixed[0]] if fixed else []
     for i in range(1, len(fixed)):
         l, u = fixed[i]
-        if slopes == "adaptive":
-            out.append(adaptive_layer(network, region, out, i, l.shape, max_memory))
-        else:
-            out.append(bound_units(network, region, out + [fixed[i]], i, unstable(l, u), 0, 0.0, 1.0, max_memory))
+        select = None if slopes == "adaptive" else unstable(l, u)
+        out.append(adaptive_layer(network, region, out, i, fixed[i], max_memory, select))
     return out
 
 
-def adaptive_layer(network: Network, region: Region, below: list, i: int, shape, max_memory: float):
-    """(l, u) of every unit of layer i, each ``shape``, from rows ±e_j with the adaptive α over ``below``."""
-    B, n = shape[0], network.affines[i].out_features
-    step = max(1, row_chunk(network, B, i, max_memory) // 2)
-    lows, ups = [], []
+def adaptive_layer(network: Network, region: Region, below: list, i: int, given, max_memory: float, select=None):
+    """(l, u) of layer i from rows ±e_j with the adaptive α over ``below``: of every unit (``select``
+    None), or of the units ``select`` (B, n) only, intersected with the sound bounds ``given``."""
+    l0, u0 = given
+    B, shape = l0.shape[0], l0.shape[1:]
+    if select is None:
+        select = torch.ones(B, l0[0].numel(), dtype=torch.bool, device=l0.device)
+        l, u = torch.full_like(l0, -float("inf")), torch.full_like(u0, float("inf"))
+    else:
+        l, u = l0, u0
     with torch.no_grad():
-        for start in range(0, n, step):
-            c = min(step, n - start)
-            order = torch.arange(start, start + c, device=below[0][0].device).unsqueeze(0).expand(B, c)
-            rows = unit_rows(order, torch.ones_like(order, dtype=torch.bool), shape[1:], below[0][0].dtype)
-            alpha = [per_row(adaptive_slopes(l, u), 2 * c) for l, u in below]
-            J = backward(network, region, below, rows, i, alpha)[0]
-            lows.append(J[:, :c])
-            ups.append(-J[:, c:])
-    return torch.cat(lows, 1).reshape(shape), torch.cat(ups, 1).reshape(shape)
+        return bound_units(network, region, below + [(l, u)], i, select, 0, 0.0, 1.0, max_memory, adaptive=True)
+
+
+def optimized_layers(network: Network, bounds: list, layers="auto") -> list:
+    """The ReLU layers i ≥ 1 whose α :func:`optimized_bounds` optimises: all (``layers`` None), the last k
+    (an int), or ("auto") those whose rows cost at most ``AUTO_WORK`` floats per step:
+    ``B · 2q_i · Σ_{j<i} n_j ≤ AUTO_WORK`` (q_i the batch's most unstable units); on the others the best
+    of fixed and adaptive slopes stays (cheap, a fraction of the gain: the last layers matter most)."""
+    n = len(bounds)
+    if layers is None:
+        return list(range(1, n))
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        return list(range(max(1, n - layers), n))
+    if layers != "auto":
+        raise ValueError(f"intermediate_layers must be None, an int or 'auto', got {layers!r}")
+    chosen = []
+    for i in range(1, n):
+        l, u = bounds[i]
+        q = int(unstable(l, u).sum(1).max()) if l.shape[0] else 0
+        below = sum(network.affines[j].out_features for j in range(i))
+        if l.shape[0] * 2 * q * below <= AUTO_WORK:
+            chosen.append(i)
+    return chosen
 
 
 def optimized_bounds(network: Network, region: Region, bounds: list, steps: int = 20, lr: float = 0.5,
                      decay: float = 0.98, max_memory: float = 2 ** 32, layers=None) -> list:
     """Intermediate bounds tightened layer by layer by optimised α: for each ReLU layer i ≥ 1 (or those in
-    ``layers``), bottom up, the rows ±e_j of its unstable units (per example, padded to the batch maximum
+    ``layers``, e.g. from :func:`optimized_layers`), bottom up, the rows ±e_j of its unstable units (per example, padded to the batch maximum
     q_i) maximised by :func:`ascend` over the already tightened layers below; the elementwise best of old
     and new bounds is kept (both sound).
 
@@ -196,4 +218,4 @@ def optimized_bounds(network: Network, region: Region, bounds: list, steps: int 
 
 
 __all__ = ["SLOPES", "adaptive_slopes", "per_row", "start_alpha", "ascend", "unit_rows", "bound_units",
-           "slope_bounds", "adaptive_layer", "optimized_bounds", "row_chunk"]
+           "slope_bounds", "adaptive_layer", "optimized_layers", "optimized_bounds", "row_chunk", "AUTO_WORK"]
