@@ -15,8 +15,10 @@ result store ``<out>/results.sqlite``, table ``benchmark``):
   g. robust training steps, exact against random projections, h. peak memory of the exact bound against
      the batch size, with and without chunking: see ``benchmark_scaling``;
   i. skip connections: soundness against the MILP and speed, both libraries: see ``benchmark_skip``;
-  j. MILP certify of a test set on a Dask cluster, 1 against 2 worker processes: see ``benchmark_cluster``.
-``--parts`` picks the parts (default all but j, which starts worker processes on every core).
+  j. MILP certify of a test set on a Dask cluster, 1 against 2 worker processes: see ``benchmark_cluster``;
+  k. tighter dual bounds (slopes, tight mode) on ``--bench-nets`` and the ConvNet: see ``benchmark_tight``.
+``--parts`` picks the parts (default all but j, which starts worker processes on every core, and k, which
+takes minutes: both only when named).
 Timings: a warm-up call first, then per batch the median of ``--reps`` repetitions, the two
 implementations interleaved. Other processes on the machine distort them; the load average is recorded.
 """
@@ -36,7 +38,7 @@ from polytope_lab import data, models
 
 from polytope_lab.evaluation import robust_errors
 
-from . import benchmark_cluster, benchmark_exact, benchmark_scaling, benchmark_skip
+from . import benchmark_cluster, benchmark_exact, benchmark_scaling, benchmark_skip, benchmark_tight
 from .cli import (ExperimentParser, command, machine_load, record_rows, time_interleaved, to_markdown, torch_threads,
                   write_table)
 
@@ -51,7 +53,7 @@ REPORTED_FIGURES = {
     "alpha_crown": "auto_LiRPA α-CROWN: 193/200 certified, ≈1540 ms/image",
     "robust_errors_500": "32 on the first 500",
 }
-PARTS = "abcdefghij"
+PARTS = "abcdefghijk"
 DEFAULT_PARTS = "abcdefghi"  # j starts worker processes on every core: asked for by name
 COLUMNS = ["part", "quantity", "polytope_lab", "convex_adversarial", "reference / ours", REPORTED, "note"]
 DEFAULTS = dict(threads=2, n_images=500, n_compare=200, batch=50, reps=3)
@@ -72,6 +74,7 @@ def parse_args(argv=None):
     benchmark_scaling.add_arguments(parser)
     benchmark_skip.add_arguments(parser)
     benchmark_cluster.add_arguments(parser)
+    benchmark_tight.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.model is None:
         parser.error("--model is required: the state_dict of the paper's MNIST ConvNet")
@@ -353,6 +356,8 @@ def run(args, argv):
         rows += benchmark_skip.part_i(X, y, args, ca)
     if "j" in args.parts:
         rows += benchmark_cluster.part_j(model, X, y, EPS, args)
+    if "k" in args.parts:
+        rows += benchmark_tight.part_k(args, model, X, y)
 
     df = pd.DataFrame(rows)
     df = df.reindex(columns=COLUMNS + [c for c in df.columns if c not in COLUMNS])
@@ -369,6 +374,7 @@ def run(args, argv):
         "max_memory_mib": args.max_memory_mib, "column_chunk": args.column_chunk,
         "memory_settings": args.memory_settings, "skip_images": args.skip_images, "skip_batch": args.skip_batch,
         "cluster_images": args.cluster_images, "cluster_chunk": args.cluster_chunk,
+        "bench_nets": args.bench_nets, "tight_reps": args.tight_reps, "tight_images": args.tight_images,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "convex_adversarial": package_version("convex_adversarial") if ca else f"missing ({ca_why})",
         "load_at_start": load_start, "load_at_end": load_end,

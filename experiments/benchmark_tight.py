@@ -37,7 +37,10 @@ def add_arguments(parser):
     parser.add_argument("--bench-nets", default=None, help="part k: folder of the fixed networks "
                                                           "(toy.json/.pt, conv.*, peer_widths.json)")
     parser.setting("--tight-reps", type=int, help="part k: timed repetitions per measurement (median)")
-    parser.setting("--tight-images", type=int, help="part k: ConvNet test images")
+    parser.setting("--tight-images", type=int, help="part k: ConvNet test images (0: skip the ConvNet)")
+    parser.add_argument("--tight-nets", default="toy,conv", help="part k: bench nets to measure (comma-separated)")
+    parser.add_argument("--tight-conv-lp", action="store_true",
+                        help="part k: the LP rows on conv too (minutes per point; default: toy only)")
 
 
 def build(layers):
@@ -84,7 +87,7 @@ def width(b):
     return float((b.upper - b.lower).mean())
 
 
-def measure_row(model, X, eps, reps, options=OPTIONS, lp_all=False):
+def measure_row(model, X, eps, reps, options=OPTIONS, lp_all=False, lp=True):
     """{label: (width, seconds, bounds)} for every option, the LP over each variant's intermediate
     bounds ("LP | label"), and LP-ALL when asked."""
     region = pl.LinfBall(X, eps)
@@ -94,7 +97,7 @@ def measure_row(model, X, eps, reps, options=OPTIONS, lp_all=False):
         b, s = timed(lambda: bounder.bound(model, region), reps)
         out[label] = (width(b), s, b)
     for label in ("dual fixed", "tight mode (alpha='optimized')"):
-        if label in out:
+        if lp and label in out:
             lp = pl.Bounder.create("lp", intermediate=pl.Bounder.create("dual", **options[label]))
             b, s = timed(lambda: lp.bound(model, region), 0)
             out[f"LP | {label}"] = (width(b), s, b)
@@ -111,11 +114,13 @@ def part_k(args, model=None, X=None, y=None):
     with open(os.path.join(args.bench_nets, "peer_widths.json")) as f:
         peers = json.load(f)
     rows = []
-    for name, eps in ROWS:
+    nets = args.tight_nets.split(",")
+    for name, eps in [(n, e) for n, e in ROWS if n in nets]:
         net, pts = load_net(args.bench_nets, name)
         peer = peers[f"{name}_{eps}"]
         ac_w, ac_s = peer["mean_width"]["alpha_crown"], peer["seconds_whole_batch_2_threads"]["alpha_crown"]
-        res = measure_row(net, pts, eps, args.tight_reps, lp_all=name == "toy")
+        res = measure_row(net, pts, eps, args.tight_reps, lp_all=name == "toy",
+                          lp=name == "toy" or args.tight_conv_lp)
         for label, (w, s, _) in res.items():
             rows.append({"part": "k", "quantity": f"{name} ε={eps}: {label}", "polytope_lab": w, "seconds": s,
                          "width / α-CROWN": w / ac_w, "time / α-CROWN": s / ac_s,
@@ -125,7 +130,7 @@ def part_k(args, model=None, X=None, y=None):
             rows.append({"part": "k", "quantity": f"{name} ε={eps}: {peer_name} ({STORED})",
                          "polytope_lab": None, STORED: peer["mean_width"][peer_name],
                          "seconds": peer["seconds_whole_batch_2_threads"].get(peer_name)})
-    if model is not None:
+    if model is not None and args.tight_images > 0:
         rows += convnet_rows(model, X, y, args)
     return rows
 

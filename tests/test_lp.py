@@ -116,9 +116,8 @@ def test_sandwich(problem):
     for d, what in ((fixed, "fixed α"), (opt, "optimised α")):
         _le(d.lower, lp.lower, f"dual {what} lower ≤ LP lower")
         _le(lp.upper, d.upper, f"LP upper ≤ dual {what} upper")
-    # tighter intermediate bounds, tighter LP: interval ⊇ dual ⊇ LP-ALL
-    _le(lp_interval.lower, lp.lower, "LP(interval) lower ≤ LP(dual) lower")
-    _le(lp.upper, lp_interval.upper, "LP(dual) upper ≤ LP(interval) upper")
+    # tighter intermediate bounds, tighter LP: dual ⊇ LP-ALL (interval ⊇ dual is no theorem: the fixed
+    # slope's lower line dẑ dips below 0, so an interval bound can be the tighter one on some unit)
     _le(lp.lower, lp_all.lower, "LP lower ≤ LP-ALL lower")
     _le(lp_all.upper, lp.upper, "LP-ALL upper ≤ LP upper")
     for (l, u), (l0, u0) in zip(lp_all.intermediate, fixed.intermediate):
