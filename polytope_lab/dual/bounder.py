@@ -27,9 +27,9 @@ class DualBounder(Bounder):
     2q_i unstable rows with their gradient); ``intermediate_layers`` which of them: "auto" (default: those
     whose rows are cheap, :func:`~.tight.optimized_layers`), an int k (the last k) or None (all).
     ``alpha="optimized"`` with no further options is the tight
-    mode: best slopes, optimised intermediate and final α, ``steps`` 20, ``lr`` 0.5, ``decay`` 0.98 (lr
+    mode: best slopes, optimised intermediate and final α, ``steps`` 40, ``lr`` 0.5, ``decay`` 0.98 (lr
     factor per step), early stop; alpha="optimized", slopes="fixed", optimize_intermediate=False is the
-    final-objective-only optimiser over the paper's intermediate bounds (lr 0.2, no decay), whose bound
+    final-objective-only optimiser over the paper's intermediate bounds (20 steps, lr 0.2, no decay), whose bound
     never passes the LP over those bounds. Whenever the slopes are not "fixed" the final objective is the
     per-row best of fixed and adaptive α (optimised from there) and never looser than the fixed-α dual;
     ``Bounds.intermediate`` holds the intermediate bounds used. Every choice is sound for every region
@@ -62,7 +62,7 @@ class DualBounder(Bounder):
 
     name = "dual"
 
-    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=20, lr=None,
+    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=None, lr=None,
                  proj=None, seed=0, column_chunk=None, devices=None, slopes=None, optimize_intermediate=None,
                  decay=None, intermediate_layers="auto"):
         if alpha not in ("fixed", "optimized"):
@@ -77,6 +77,7 @@ class DualBounder(Bounder):
             raise ValueError("optimize_intermediate needs alpha='optimized'")
         self.final_only = tight and slopes == "fixed" and not self.optimize_intermediate  # the old optimiser
         lr = (0.2 if self.final_only else 0.5) if lr is None else lr
+        steps = (20 if self.final_only or not tight else 40) if steps is None else steps
         self.decay = (1.0 if self.final_only else 0.98) if decay is None else decay
         self.intermediate_layers = intermediate_layers
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
