@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 import polytope_lab as pl
 from polytope_lab.dual import intermediate_bounds, optimize_alpha
-from polytope_lab.dual.tight import adaptive_slopes, ascend, optimized_bounds, slope_bounds, start_alpha
+from polytope_lab.dual.tight import (adaptive_slopes, ascend, optimized_bounds, optimized_layers, slope_bounds,
+                                     start_alpha)
 
 from conftest import (assert_within, make_convnet, make_mlp, make_resnet, n_examples, pgd_extremes,
                       random_inputs, sample_region, sampled_values)
@@ -131,6 +132,7 @@ def test_optimized_never_looser_than_its_start(steps):
     start = ascend(network, region, bounds, rows, 2, steps=0)
     opt = ascend(network, region, bounds, rows, 2, steps=steps)
     assert (opt >= start - 1e-12).all()
+    assert optimized_layers(network, bounds, None) == [1] and optimized_layers(network, bounds, 1) == [1]
     tight = optimized_bounds(network, region, bounds, steps=steps)
     for (l, u), (l0, u0) in zip(tight, bounds):
         assert (l >= l0).all() and (u <= u0).all()
@@ -162,5 +164,7 @@ def test_chunking_and_options():
     torch.testing.assert_close(a.lower, b.lower, rtol=0, atol=1e-3)
     with pytest.raises(ValueError, match="slopes"):
         pl.Bounder.create("dual", slopes="crown")
+    with pytest.raises(ValueError, match="intermediate_layers"):
+        pl.Bounder.create("dual", alpha="optimized", intermediate_layers="last")
     with pytest.raises(ValueError, match="optimize_intermediate"):
         pl.Bounder.create("dual", optimize_intermediate=True)

@@ -79,6 +79,9 @@ class DualBounder(Bounder):
         lr = (0.2 if self.final_only else 0.5) if lr is None else lr
         steps = (20 if self.final_only or not tight else 40) if steps is None else steps
         self.decay = (1.0 if self.final_only else 0.98) if decay is None else decay
+        if not (intermediate_layers in (None, "auto") or (isinstance(intermediate_layers, int)
+                                                           and not isinstance(intermediate_layers, bool))):
+            raise ValueError(f"intermediate_layers must be None, 'auto' or an int, got {intermediate_layers!r}")
         self.intermediate_layers = intermediate_layers
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be None or an integer, got {seed!r}")
