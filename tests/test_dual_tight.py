@@ -53,7 +53,7 @@ def problems(draw):
     return model, region, C
 
 
-@settings(max_examples=n_examples(12), **SETTINGS)
+@settings(max_examples=n_examples(10), **SETTINGS)
 @given(problems())
 def test_every_option_is_sound_and_inside_the_fixed_dual(problem):
     """Sampled points and PGD inside every option's bounds; its intermediate bounds contain sampled
