@@ -51,7 +51,7 @@ def start_alpha(network: Network, region: Region, bounds: list, rows: torch.Tens
 
 
 def ascend(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, steps: int = 20,
-           lr: float = 0.5, decay: float = 0.98, tol: float = 1e-6, patience: int = 3) -> torch.Tensor:
+           lr: float = 0.5, decay: float = 0.98, tol: float = 1e-6, patience: int = 5) -> torch.Tensor:
     """Sound lower bounds (B, m) of ``rowsᵀ ẑ`` at the output of affine ``top``, rows (B, m, *out_shape),
     maximised over α ∈ [0, 1] (one α per row and ReLU layer below ``top``).
 
