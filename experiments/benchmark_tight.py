@@ -125,7 +125,8 @@ def part_k(args, model=None, X=None, y=None):
             rows.append({"part": "k", "quantity": f"{name} ε={eps}: {label}", "polytope_lab": w, "seconds": s,
                          "width / α-CROWN": w / ac_w, "time / α-CROWN": s / ac_s,
                          "note": "mean width; LP rows: one call, not repeated" if label.startswith("LP") else
-                         f"mean width; median of {args.tight_reps} whole-batch calls"})
+                         (f"mean width; median of {args.tight_reps} whole-batch calls" if args.tight_reps
+                          else "mean width; one whole-batch call")})
         for peer_name in ("wong_kolter_dual", "crown", "alpha_crown", "pgd_inner"):
             rows.append({"part": "k", "quantity": f"{name} ε={eps}: {peer_name} ({STORED})",
                          "polytope_lab": None, STORED: peer["mean_width"][peer_name],
