@@ -16,10 +16,11 @@ result store ``<out>/results.sqlite``, table ``benchmark``):
      the batch size, with and without chunking: see ``benchmark_scaling``;
   i. skip connections: soundness against the MILP and speed, both libraries: see ``benchmark_skip``;
   j. MILP certify of a test set on a Dask cluster, 1 against 2 worker processes: see ``benchmark_cluster``;
+  k. tighter dual bounds (slopes, tight mode) on ``--bench-nets`` and the ConvNet: see ``benchmark_tight``;
   l. branch and bound against the MILP (mnistfc, PGD-trained and pretrained ConvNets, the tightness MLP), the
      same time limit per example, resumable (``--resume``): see ``benchmark_bab``.
-``--parts`` picks the parts (default all but j, which starts worker processes on every core, and l, which
-runs for hours at its default sizes).
+``--parts`` picks the parts (default all but j, which starts worker processes on every core, k, which takes
+minutes, and l, which runs for hours at its default sizes: each only when named).
 Timings: a warm-up call first, then per batch the median of ``--reps`` repetitions, the two
 implementations interleaved. Other processes on the machine distort them; the load average is recorded.
 """
@@ -39,7 +40,7 @@ from polytope_lab import data, models
 
 from polytope_lab.evaluation import robust_errors
 
-from . import benchmark_bab, benchmark_cluster, benchmark_exact, benchmark_scaling, benchmark_skip
+from . import benchmark_bab, benchmark_cluster, benchmark_exact, benchmark_scaling, benchmark_skip, benchmark_tight
 from .cli import (ExperimentParser, command, machine_load, record_rows, time_interleaved, to_markdown, torch_threads,
                   write_table)
 
@@ -54,8 +55,8 @@ REPORTED_FIGURES = {
     "alpha_crown": "auto_LiRPA α-CROWN: 193/200 certified, ≈1540 ms/image",
     "robust_errors_500": "32 on the first 500",
 }
-PARTS = "abcdefghijl"
-DEFAULT_PARTS = "abcdefghi"  # j starts worker processes on every core, l runs for hours: asked for by name
+PARTS = "abcdefghijkl"
+DEFAULT_PARTS = "abcdefghi"  # j starts worker processes on every core, k takes minutes, l hours: by name
 COLUMNS = ["part", "quantity", "polytope_lab", "convex_adversarial", "reference / ours", REPORTED, "note"]
 DEFAULTS = dict(threads=2, n_images=500, n_compare=200, batch=50, reps=3)
 QUICK = dict(n_images=20, n_compare=20, batch=10, reps=1)
@@ -69,13 +70,14 @@ def parse_args(argv=None):
     parser.setting("--batch", type=int, help="images per batch")
     parser.setting("--reps", type=int, help="timed repetitions per batch (median taken)")
     parser.add_argument("--full", action="store_true", help="part c: certify all 10,000 test images")
-    parser.add_argument("--parts", default=DEFAULT_PARTS, help="which parts to run, e.g. 'ad' or 'ef' (j, l: only "
+    parser.add_argument("--parts", default=DEFAULT_PARTS, help="which parts to run, e.g. 'ad' or 'ef' (j, k, l: only "
                                                             "when named)")
     benchmark_exact.add_arguments(parser)
     benchmark_scaling.add_arguments(parser)
     benchmark_skip.add_arguments(parser)
     benchmark_cluster.add_arguments(parser)
     benchmark_bab.add_arguments(parser)
+    benchmark_tight.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.model is None:
         parser.error("--model is required: the state_dict of the paper's MNIST ConvNet")
@@ -359,6 +361,8 @@ def run(args, argv):
         rows += benchmark_cluster.part_j(model, X, y, EPS, args)
     if "l" in args.parts:
         rows += benchmark_bab.part_l(model, X, y, args)
+    if "k" in args.parts:
+        rows += benchmark_tight.part_k(args, model, X, y)
 
     df = pd.DataFrame(rows)
     df = df.reindex(columns=COLUMNS + [c for c in df.columns if c not in COLUMNS])
@@ -376,6 +380,7 @@ def run(args, argv):
         "memory_settings": args.memory_settings, "skip_images": args.skip_images, "skip_batch": args.skip_batch,
         "cluster_images": args.cluster_images, "cluster_chunk": args.cluster_chunk,
         **({k: getattr(args, k) for k in [*benchmark_bab.DEFAULTS, "vnncomp_dir"]} if "l" in args.parts else {}),
+        "bench_nets": args.bench_nets, "tight_reps": args.tight_reps, "tight_images": args.tight_images,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "convex_adversarial": package_version("convex_adversarial") if ca else f"missing ({ca_why})",
         "load_at_start": load_start, "load_at_end": load_end,

@@ -76,7 +76,7 @@ def same_bounds(a, b, tol: float | None = None) -> bool:
 CROSS_CHECK_METHODS = {
     "interval": ("interval", {}),
     "dual": ("dual", {"alpha": "fixed"}),
-    "dual-optimized": ("dual", {"alpha": "optimized"}),
+    "dual-optimized": ("dual", {"alpha": "optimized", "slopes": "fixed", "optimize_intermediate": False}),  # ≤ LP
     "lp": ("lp", {}),
     "milp": ("milp", {}),
     "bab": ("bab", {"split": "relu"}),   # ReLU splits: exact bounds fast on small nets (input splits are not)

@@ -44,7 +44,8 @@ def test_optimized_never_looser_than_fixed(net, region_kind, steps):
     region = REGIONS[region_kind](x)
     C = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     fixed = pl.Bounder.create("dual").bound(model, region, C=C)
-    opt = pl.Bounder.create("dual", alpha="optimized", steps=steps).bound(model, region, C=C)
+    opt = pl.Bounder.create("dual", alpha="optimized", steps=steps, slopes="fixed",
+                            optimize_intermediate=False).bound(model, region, C=C)
     assert (opt.lower >= fixed.lower - 1e-6).all()
     assert (opt.upper <= fixed.upper + 1e-6).all()
     if steps == 0:  # no step taken: the starting point is the fixed choice α = u/(u − l)
@@ -71,7 +72,8 @@ def test_more_steps_never_hurt():
     region = pl.LinfBall(x, 0.2)
     prev = None
     for steps in (0, 2, 5, 15):
-        b = pl.Bounder.create("dual", alpha="optimized", steps=steps).bound(model, region)
+        b = pl.Bounder.create("dual", alpha="optimized", steps=steps, slopes="fixed",
+                              optimize_intermediate=False).bound(model, region)  # final-only optimiser
         if prev is not None:
             assert (b.lower >= prev.lower - 1e-9).all()
             assert (b.upper <= prev.upper + 1e-9).all()
@@ -89,7 +91,8 @@ def test_optimized_bounds_are_sound():
     assert (f >= b.lower - 1e-7).all() and (f <= b.upper + 1e-7).all()
 
 
-@pytest.mark.parametrize("options", [dict(), dict(alpha="optimized", steps=5), dict(strategy="forward"),
+@pytest.mark.parametrize("options", [dict(), dict(alpha="optimized", steps=5, slopes="fixed", optimize_intermediate=False),
+                                     dict(strategy="forward"),
                                      dict(strategy="backward")], ids=["fixed", "optimized", "forward", "backward"])
 def test_intermediate_bounds_per_layer(net, options):
     model, shape = net

@@ -20,6 +20,9 @@ from conftest import (assert_within, make_convnet, make_mlp, n_examples, pgd_ext
 TOL = 1e-5
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
+#: the final-objective-only optimiser over the fixed-slope intermediate bounds (tight mode passes the LP)
+FINAL_ONLY = dict(slopes="fixed", optimize_intermediate=False)
+
 
 def _tol(*bounds):
     return TOL * (1.0 + max(b.abs().max().item() for b in bounds))
@@ -99,7 +102,7 @@ def test_sandwich(problem):
     model, region, C = problem
     dual = pl.Bounder.create("dual")
     fixed = dual.bound(model, region, C=C)
-    opt = pl.Bounder.create("dual", alpha="optimized", steps=20).bound(model, region, C=C)
+    opt = pl.Bounder.create("dual", alpha="optimized", steps=20, **FINAL_ONLY).bound(model, region, C=C)
     lp = pl.Bounder.create("lp", intermediate=dual).bound(model, region, C=C)
     lp_all = pl.Bounder.create("lp", intermediate="lp").bound(model, region, C=C)
     lp_interval = pl.Bounder.create("lp", intermediate="interval").bound(model, region, C=C)
@@ -113,9 +116,8 @@ def test_sandwich(problem):
     for d, what in ((fixed, "fixed α"), (opt, "optimised α")):
         _le(d.lower, lp.lower, f"dual {what} lower ≤ LP lower")
         _le(lp.upper, d.upper, f"LP upper ≤ dual {what} upper")
-    # tighter intermediate bounds, tighter LP: interval ⊇ dual ⊇ LP-ALL
-    _le(lp_interval.lower, lp.lower, "LP(interval) lower ≤ LP(dual) lower")
-    _le(lp.upper, lp_interval.upper, "LP(dual) upper ≤ LP(interval) upper")
+    # tighter intermediate bounds, tighter LP: dual ⊇ LP-ALL (interval ⊇ dual is no theorem: the fixed
+    # slope's lower line dẑ dips below 0, so an interval bound can be the tighter one on some unit)
     _le(lp.lower, lp_all.lower, "LP lower ≤ LP-ALL lower")
     _le(lp_all.upper, lp.upper, "LP-ALL upper ≤ LP upper")
     for (l, u), (l0, u0) in zip(lp_all.intermediate, fixed.intermediate):
@@ -140,7 +142,7 @@ def test_lp_matches_well_optimised_dual():
     region = pl.LinfBall(random_inputs((4,), batch=2, seed=5), 0.3)
     C = torch.randn(2, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     lp = pl.Bounder.create("lp").bound(model, region, C=C)
-    opt = pl.Bounder.create("dual", alpha="optimized", steps=300).bound(model, region, C=C)
+    opt = pl.Bounder.create("dual", alpha="optimized", steps=300, **FINAL_ONLY).bound(model, region, C=C)
     fixed = pl.Bounder.create("dual").bound(model, region, C=C)
     assert (lp.lower - fixed.lower).max() > 0.03, "test net too easy: fixed α already (nearly) optimal"
     torch.testing.assert_close(opt.lower, lp.lower, rtol=0, atol=1e-3)

@@ -10,6 +10,7 @@ from .backward import dual_objective
 from .chunked import column_chunked_bounds
 from .intermediate import FLOAT_BYTES, intermediate_bounds
 from .projections import check_proj
+from .tight import SLOPES, ascend, optimized_bounds, optimized_layers, slope_bounds
 from ..bounds import Bounder, Bounds, EstimatedBounds
 from ..network import Network
 
@@ -17,9 +18,23 @@ from ..network import Network
 class DualBounder(Bounder):
     """Wong–Kolter dual bounds.
 
-    Options: ``alpha`` "fixed" (Algorithm 1's α = u/(u−l)) or "optimized" (projected gradient ascent,
-    ``steps``/``lr``, on every ReLU layer's α in the final objective, one α per objective row; the
-    intermediate bounds keep the fixed α); ``device`` (default: where the region's ``x`` lives, so CPU
+    Options: ``alpha`` "fixed" (Algorithm 1's α = u/(u−l)) or "optimized" (projected gradient ascent, one
+    α per objective row and ReLU layer); ``slopes`` "fixed" | "adaptive" | "best", the lower slopes of the
+    intermediate bounds (:func:`~.tight.slope_bounds`; default "fixed", "best" with alpha="optimized");
+    ``optimize_intermediate`` (default: True with alpha="optimized") also optimises the α of every
+    intermediate layer's bounds, layer by layer (:func:`~.tight.optimized_bounds`; per layer i about
+    ``8·4·B·2q_i·Σ_{j≤i} n_j`` bytes, chunked under ``max_memory``, and ``steps`` backward passes of its
+    2q_i unstable rows with their gradient); ``intermediate_layers`` which of them: "auto" (default: those
+    whose rows are cheap, :func:`~.tight.optimized_layers`), an int k (the last k) or None (all).
+    ``alpha="optimized"`` with no further options is the tight
+    mode: best slopes, optimised intermediate and final α, ``steps`` 40, ``lr`` 0.5, ``decay`` 0.98 (lr
+    factor per step), early stop; alpha="optimized", slopes="fixed", optimize_intermediate=False is the
+    final-objective-only optimiser over the paper's intermediate bounds (20 steps, lr 0.2, no decay), whose bound
+    never passes the LP over those bounds. Whenever the slopes are not "fixed" the final objective is the
+    per-row best of fixed and adaptive α (optimised from there) and never looser than the fixed-α dual;
+    ``Bounds.intermediate`` holds the intermediate bounds used. Every choice is sound for every region
+    and for skip connections (the rows are pushed back through the skips); ``proj`` estimates stay
+    estimates (the tightened bounds are then labelled estimated too). ``device`` (default: where the region's ``x`` lives, so CPU
     unless you pass CUDA tensors or ``device="cuda"``; results come back on ``x``'s device);
     ``max_memory`` bytes per chunk of examples (chunking bounds peak memory, results are unchanged);
     ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds. Results carry no gradient
@@ -47,10 +62,27 @@ class DualBounder(Bounder):
 
     name = "dual"
 
-    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=20, lr=0.2,
-                 proj=None, seed=0, column_chunk=None, devices=None):
+    def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=None, lr=None,
+                 proj=None, seed=0, column_chunk=None, devices=None, slopes=None, optimize_intermediate=None,
+                 decay=None, intermediate_layers="auto"):
         if alpha not in ("fixed", "optimized"):
             raise ValueError(f"alpha must be 'fixed' or 'optimized', got {alpha!r}")
+        tight = alpha == "optimized"
+        slopes = ("best" if tight else "fixed") if slopes is None else slopes
+        if slopes not in SLOPES:
+            raise ValueError(f"slopes must be one of {SLOPES}, got {slopes!r}")
+        self.slopes = slopes
+        self.optimize_intermediate = tight if optimize_intermediate is None else bool(optimize_intermediate)
+        if self.optimize_intermediate and not tight:
+            raise ValueError("optimize_intermediate needs alpha='optimized'")
+        self.final_only = tight and slopes == "fixed" and not self.optimize_intermediate  # the old optimiser
+        lr = (0.2 if self.final_only else 0.5) if lr is None else lr
+        steps = (20 if self.final_only or not tight else 40) if steps is None else steps
+        self.decay = (1.0 if self.final_only else 0.98) if decay is None else decay
+        if not (intermediate_layers in (None, "auto") or (isinstance(intermediate_layers, int)
+                                                           and not isinstance(intermediate_layers, bool))):
+            raise ValueError(f"intermediate_layers must be None, 'auto' or an int, got {intermediate_layers!r}")
+        self.intermediate_layers = intermediate_layers
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be None or an integer, got {seed!r}")
         if column_chunk is not None and (isinstance(column_chunk, bool) or not isinstance(column_chunk, int)
@@ -74,6 +106,28 @@ class DualBounder(Bounder):
         per_example = FLOAT_BYTES * widest * (network.input_size + sum(sizes))
         return max(1, min(batch, int(self.max_memory // max(per_example, 1))))
 
+    def _final(self, network, region, bounds, frontier, C):
+        """(lower, upper, intermediate bounds used) of C f(x') for one chunk of examples."""
+        m = C.shape[1]
+        if self.alpha == "fixed" and self.slopes == "fixed":
+            with torch.no_grad():
+                lo, up = dual_objective(network, region, bounds, C, frontier=frontier)
+            return lo, up, bounds
+        if self.final_only:
+            both = optimize_alpha(network, region, bounds, torch.cat([C, -C], 1), self.steps, self.lr)
+            return both[:, :m], -both[:, m:], bounds
+        with torch.no_grad():
+            lo0, up0 = dual_objective(network, region, bounds, C, frontier=frontier)  # the paper's bound
+            bounds = slope_bounds(network, region, bounds, self.slopes, self.max_memory)
+        if self.optimize_intermediate:
+            layers = optimized_layers(network, bounds, self.intermediate_layers)
+            bounds = optimized_bounds(network, region, bounds, self.steps, self.lr, self.decay, self.max_memory,
+                                      layers)
+        steps = self.steps if self.alpha == "optimized" else 0   # 0: the better of fixed and adaptive α
+        rows = torch.cat([C, -C], 1).reshape(C.shape[0], 2 * m, *network.affines[-1].out_shape)
+        both = ascend(network, region, bounds, rows, len(network.affines) - 1, steps, self.lr, self.decay)
+        return torch.maximum(both[:, :m], lo0), torch.minimum(-both[:, m:], up0), bounds
+
     def _bound(self, network, region, C):
         generator = None if self.proj is None or self.seed is None else torch.Generator().manual_seed(self.seed)
         step = self.chunk_size(network, region.batch_size)
@@ -88,13 +142,7 @@ class DualBounder(Bounder):
                     bounds, frontier = intermediate_bounds(network, sub, self.strategy, return_frontier=True,
                                                            proj=self.proj, generator=generator)
             estimated = estimated or (frontier is not None and frontier.estimated)
-            if self.alpha == "fixed":
-                with torch.no_grad():
-                    lo, up = dual_objective(network, sub, bounds, C[idx], frontier=frontier)
-            else:
-                both = optimize_alpha(network, sub, bounds, torch.cat([C[idx], -C[idx]], 1), self.steps, self.lr)
-                m = C.shape[1]
-                lo, up = both[:, :m], -both[:, m:]
+            lo, up, bounds = self._final(network, sub, bounds, frontier, C[idx])
             lowers.append(lo.detach())
             uppers.append(up.detach())
             layers.append(bounds)

@@ -1,0 +1,170 @@
+"""Tighter dual bounds (polytope_lab.dual.tight): intermediate slopes fixed/adaptive/best and the tight mode
+(optimised intermediate and final α). Every option must be sound (sampling, PGD, the exact MILP, on MLPs,
+ConvNets and residual nets, every region); optimised never looser than its start; "fixed" unchanged."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import polytope_lab as pl
+from polytope_lab.dual import intermediate_bounds, optimize_alpha
+from polytope_lab.dual.tight import (adaptive_slopes, ascend, optimized_bounds, optimized_layers, slope_bounds,
+                                     start_alpha)
+
+from conftest import (assert_within, make_convnet, make_mlp, make_resnet, n_examples, pgd_extremes,
+                      random_inputs, sample_region, sampled_values)
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+OPTIONS = {
+    "adaptive": dict(slopes="adaptive"),
+    "best": dict(slopes="best"),
+    "optimized-final-only": dict(alpha="optimized", slopes="fixed", optimize_intermediate=False, steps=5),
+    "optimized-best-final": dict(alpha="optimized", optimize_intermediate=False, steps=5),
+    "tight": dict(alpha="optimized", steps=5),
+}
+TOL = 1e-6
+
+
+def _regions(x):
+    lo, hi = x - 0.15, x + 0.1
+    return {"linf": pl.LinfBall(x, 0.15), "linf-clip": pl.LinfBall(x, 0.25, clip=(0.0, 1.0)),
+            "l2": pl.L2Ball(x, 0.4), "box": pl.Box(lo, hi)}
+
+
+@st.composite
+def problems(draw):
+    """(model, region, C): a random MLP, ConvNet or residual net and a random region of every kind."""
+    seed = draw(st.integers(0, 2 ** 12))
+    kind = draw(st.sampled_from(["mlp", "conv", "resnet"]))
+    if kind == "mlp":
+        sizes = [draw(st.integers(2, 4))] + draw(st.lists(st.integers(4, 10), min_size=2, max_size=3)) + [3]
+        model, shape = make_mlp(sizes, seed=seed), (sizes[0],)
+    elif kind == "conv":
+        model, shape = make_convnet((1, 5, 5), channels=(2, 3), n_out=3, seed=seed), (1, 5, 5)
+    else:
+        model, shape = make_resnet(draw(st.sampled_from(["mlp", "conv", "input-skip"])), seed=seed)
+    x = random_inputs(shape, batch=2, seed=seed + 1)
+    region = _regions(x)[draw(st.sampled_from(["linf", "linf-clip", "l2", "box"]))]
+    n_out = pl.from_torch(model, shape).affines[-1].out_features
+    C = torch.randn(2, n_out, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return model, region, C
+
+
+@settings(max_examples=n_examples(10), **SETTINGS)
+@given(problems())
+def test_every_option_is_sound_and_inside_the_fixed_dual(problem):
+    """Sampled points and PGD inside every option's bounds; its intermediate bounds contain sampled
+    pre-activations and lie inside the fixed-slope ones; the final bound is never looser than fixed."""
+    model, region, C = problem
+    fixed = pl.Bounder.create("dual").bound(model, region, C=C)
+    values = sampled_values(model, region, C, n=200)
+    lo, hi = pgd_extremes(model, region, C, steps=15, restarts=1)
+    network = pl.from_torch(model, region.input_shape)
+    pts = sample_region(region, 100)
+    N, B = pts.shape[:2]
+    pre = network.pre_activations(pts.reshape(N * B, *pts.shape[2:]))[:-1]
+    for name, opts in OPTIONS.items():
+        b = pl.Bounder.create("dual", **opts).bound(model, region, C=C)
+        assert_within(values, b.lower, b.upper, tol=1e-6, what=f"{name}: sampled C f(x')")
+        assert (lo >= b.lower - 1e-6).all() and (hi <= b.upper + 1e-6).all(), f"{name}: PGD beats the bound"
+        assert (b.lower >= fixed.lower - TOL).all() and (b.upper <= fixed.upper + TOL).all(), name
+        for (l, u), (l0, u0), z in zip(b.intermediate, fixed.intermediate, pre):
+            assert_within(z.detach().reshape(N, *l.shape), l, u, tol=1e-6, what=f"{name}: pre-activation")
+            if name not in ("adaptive", "optimized-final-only"):  # pure CROWN bounds need not lie inside
+                assert (l >= l0 - TOL).all() and (u <= u0 + TOL).all(), name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sound_against_the_milp(seed):
+    """On a tiny net every option's bounds contain the exact range (MILP)."""
+    model = make_mlp([3, 6, 6, 2], seed=seed)
+    region = pl.LinfBall(random_inputs((3,), batch=2, seed=seed), 0.3)
+    exact = pl.Bounder.create("milp", threads=1).bound(model, region)
+    assert exact.status == ["optimal"] * 2
+    for name, opts in OPTIONS.items():
+        b = pl.Bounder.create("dual", **opts).bound(model, region)
+        assert (b.lower <= exact.lower + 1e-6).all() and (b.upper >= exact.upper - 1e-6).all(), name
+
+
+def test_fixed_slopes_unchanged():
+    """slopes="fixed" is the paper's dual; the final-only optimiser is optimize_alpha unchanged."""
+    model = make_mlp([4, 10, 10, 3], seed=4)
+    region = pl.LinfBall(random_inputs((4,), batch=2, seed=5), 0.3)
+    C = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    a = pl.Bounder.create("dual").bound(model, region, C=C)
+    b = pl.Bounder.create("dual", slopes="fixed").bound(model, region, C=C)
+    assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)
+    network = pl.from_torch(model, (4,))
+    bounds = intermediate_bounds(network, region)
+    old = optimize_alpha(network, region, bounds, torch.cat([C, -C], 1), 20, 0.2)
+    new = pl.Bounder.create("dual", alpha="optimized", slopes="fixed", optimize_intermediate=False).bound(
+        model, region, C=C)
+    torch.testing.assert_close(new.lower, old[:, :3], rtol=0, atol=1e-12)
+    torch.testing.assert_close(new.upper, -old[:, 3:], rtol=0, atol=1e-12)
+    assert slope_bounds(network, region, bounds, "fixed") == bounds
+
+
+def test_adaptive_slope_and_start():
+    """CROWN's slope: 1 where u ≥ −l on I; the start is the per-row better of fixed and adaptive α."""
+    l = torch.tensor([[-1.0, -3.0, 0.5, -2.0]])
+    u = torch.tensor([[2.0, 1.0, 1.0, -1.0]])
+    assert adaptive_slopes(l, u).tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    model = make_mlp([3, 8, 8, 2], seed=2)
+    region = pl.LinfBall(random_inputs((3,), batch=2, seed=2), 0.4)
+    network = pl.from_torch(model, (3,))
+    bounds = intermediate_bounds(network, region)
+    rows = torch.cat([torch.eye(2), -torch.eye(2)]).double().unsqueeze(0).expand(2, 4, 2)
+    _, J = start_alpha(network, region, bounds, rows, 2)
+    fixed = pl.Bounder.create("dual").bound(model, region)
+    assert (J[:, :2] >= fixed.lower - 1e-9).all() and (-J[:, 2:] <= fixed.upper + 1e-9).all()
+
+
+@pytest.mark.parametrize("steps", [1, 10])
+def test_optimized_never_looser_than_its_start(steps):
+    model = make_convnet((1, 6, 6), channels=(3, 4), n_out=3, seed=3)
+    region = pl.LinfBall(random_inputs((1, 6, 6), batch=2, seed=3), 0.2)
+    network = pl.from_torch(model, (1, 6, 6))
+    bounds = slope_bounds(network, region, intermediate_bounds(network, region), "best")
+    rows = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    start = ascend(network, region, bounds, rows, 2, steps=0)
+    opt = ascend(network, region, bounds, rows, 2, steps=steps)
+    assert (opt >= start - 1e-12).all()
+    assert optimized_layers(network, bounds, None) == [1] and optimized_layers(network, bounds, 1) == [1]
+    tight = optimized_bounds(network, region, bounds, steps=steps)
+    for (l, u), (l0, u0) in zip(tight, bounds):
+        assert (l >= l0).all() and (u <= u0).all()
+
+
+def test_tight_mode_goes_past_the_lp_and_stays_above_the_milp():
+    """The LP over the fixed-slope bounds is the best final-only α can do; tight mode passes it (it
+    tightens the intermediate bounds) and stays a bound of the exact range; the LP over tight mode's own
+    intermediate bounds is tighter still (dual ≤ LP of the same bounds)."""
+    model = make_mlp([2, 12, 12, 12, 2], seed=7)
+    region = pl.LinfBall(random_inputs((2,), batch=2, seed=7), 0.4)
+    lp = pl.Bounder.create("lp").bound(model, region)
+    tight_bounder = pl.Bounder.create("dual", alpha="optimized")
+    tight = tight_bounder.bound(model, region)
+    exact = pl.Bounder.create("milp", threads=1).bound(model, region)
+    same = pl.Bounder.create("lp", intermediate=tight_bounder).bound(model, region)
+    width = lambda b: float((b.upper - b.lower).mean())
+    assert width(tight) < width(lp)
+    assert (tight.lower <= same.lower + 1e-6).all() and (tight.upper >= same.upper - 1e-6).all()
+    assert (tight.lower <= exact.lower + 1e-6).all() and (tight.upper >= exact.upper - 1e-6).all()
+
+
+def test_chunking_and_options():
+    """max_memory chunks rows and examples without changing results much; bad options are refused."""
+    model = make_mlp([3, 10, 10, 2], seed=8)
+    region = pl.LinfBall(random_inputs((3,), batch=3, seed=8), 0.3)
+    a = pl.Bounder.create("dual", alpha="optimized", steps=5).bound(model, region)
+    b = pl.Bounder.create("dual", alpha="optimized", steps=5, max_memory=4000).bound(model, region)
+    torch.testing.assert_close(a.lower, b.lower, rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="slopes"):
+        pl.Bounder.create("dual", slopes="crown")
+    with pytest.raises(ValueError, match="intermediate_layers"):
+        pl.Bounder.create("dual", alpha="optimized", intermediate_layers="last")
+    with pytest.raises(ValueError, match="optimize_intermediate"):
+        pl.Bounder.create("dual", optimize_intermediate=True)
