@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 import polytope_lab as pl
 from polytope_lab import data, models
 
+from polytope_lab.dual import FINAL_ALPHA_ONLY
 from polytope_lab.evaluation import robust_errors
 
 from . import benchmark_bab, benchmark_cluster, benchmark_exact, benchmark_scaling, benchmark_skip, benchmark_tight
@@ -247,7 +248,7 @@ def part_d(model, X, y, args, ca):
     data_batches = batches(X[:args.n_compare], y[:args.n_compare], args.batch)
     n = sum(len(yb) for _, yb in data_batches)
     fixed = pl.Bounder.create("dual", device=args.device)
-    optimized = pl.Bounder.create("dual", alpha="optimized", device=args.device)
+    optimized = pl.Bounder.create("dual", **FINAL_ALPHA_ONLY, device=args.device)
     margins = [pl.margin_matrix(yb, N_CLASSES) for _, yb in data_batches]
 
     def certify(bounder):

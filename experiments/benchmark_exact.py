@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import polytope_lab as pl
+from polytope_lab.dual import FINAL_ALPHA_ONLY
 from polytope_lab.evaluation import certify_each
 
 from .cli import result_store
@@ -124,7 +125,7 @@ def trained_mlp(X_train, y_train, eps, args):
 
 def part_f(networks: dict, eps, args):
     """LP vs dual (fixed and optimised α) per network on the first ``--lp-images`` images, one at a time."""
-    backends = {"dual": pl.Bounder.create("dual"), "dual-optimized": pl.Bounder.create("dual", alpha="optimized"),
+    backends = {"dual": pl.Bounder.create("dual"), "dual-optimized": pl.Bounder.create("dual", **FINAL_ALPHA_ONLY),
                 "lp": pl.Bounder.create("lp")}
     rows = []
     for name, (model, X, y) in networks.items():

@@ -17,11 +17,12 @@ import torch
 import torch.nn as nn
 
 import polytope_lab as pl
+from polytope_lab.dual import FINAL_ALPHA_ONLY
 
 STORED = "stored, not re-measured"
 OPTIONS = {  # label: DualBounder options
     "dual fixed": {},
-    "dual optimized (final α only)": dict(alpha="optimized", slopes="fixed", optimize_intermediate=False),
+    "dual optimized (final α only)": FINAL_ALPHA_ONLY,
     "dual adaptive slopes": dict(slopes="adaptive"),
     "dual best slopes": dict(slopes="best"),
     "dual optimized, best slopes, final α only": dict(alpha="optimized", optimize_intermediate=False),

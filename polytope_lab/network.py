@@ -18,6 +18,8 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from .sparse_conv import conv_matrix
+
 
 def numel(shape) -> int:
     """Number of entries of a tensor of ``shape`` (1 for ``()``)."""
@@ -201,23 +203,10 @@ class Conv2dOp(Affine):
                         self.in_shape, self.stride, self.padding, self.dilation)
 
     def as_matrix(self):
-        """``W`` as scipy csr (float64) built from the kernel's index pattern: row (c_o, y_o, x_o) holds
-        ``weight[c_o, c_i, k_y, k_x]`` at column (c_i, y_o s_0 − p_0 + k_y d_0, x_o s_1 − p_1 + k_x d_1) where
-        that input pixel exists (zero padding drops the rest). Exact, and far cheaper than the default's
-        convolution of every basis vector."""
-        c_out, c_in, kh, kw = self.weight.shape
-        _, h, w = self.in_shape
-        _, oh, ow = self.out_shape
-        co, oy, ox, ci, ky, kx = np.meshgrid(*map(np.arange, (c_out, oh, ow, c_in, kh, kw)), indexing="ij")
-        y = oy * self.stride[0] - self.padding[0] + ky * self.dilation[0]
-        x = ox * self.stride[1] - self.padding[1] + kx * self.dilation[1]
-        keep = (y >= 0) & (y < h) & (x >= 0) & (x < w)
-        rows = ((co * oh + oy) * ow + ox)[keep]
-        cols = ((ci * h + y) * w + x)[keep]
-        values = self.weight.detach().double().cpu().numpy()[co, ci, ky, kx][keep]
-        m = sp.csr_matrix((values, (rows, cols)), shape=(self.out_features, self.in_features))
-        m.eliminate_zeros()
-        return m
+        """``W`` from the kernel's index pattern (:func:`~.sparse_conv.conv_matrix`; exact, and far cheaper
+        than the default's convolution of every basis vector)."""
+        return conv_matrix(self.weight.detach().double().cpu().numpy(), self.in_shape, self.out_shape, self.stride,
+                           self.padding, self.dilation)
 
     @property
     def cost(self):

@@ -21,11 +21,11 @@ Every route evaluates the same formula, so they agree to rounding.
 """
 from .alpha import optimize_alpha
 from .backward import dual_objective
-from .bounder import DualBounder
+from .bounder import FINAL_ALPHA_ONLY, DualBounder
 from .chunked import column_chunked_bounds
 from .intermediate import intermediate_bounds
 from .relu import relu_slopes, relu_terms
 from .splits import split_dual
 
-__all__ = ["DualBounder", "intermediate_bounds", "dual_objective", "optimize_alpha",
+__all__ = ["DualBounder", "FINAL_ALPHA_ONLY", "intermediate_bounds", "dual_objective", "optimize_alpha",
            "column_chunked_bounds", "relu_slopes", "relu_terms", "split_dual"]

@@ -14,6 +14,10 @@ from .tight import SLOPES, ascend, optimized_bounds, optimized_layers, slope_bou
 from ..bounds import Bounder, Bounds, EstimatedBounds
 from ..network import Network
 
+#: options of the final-objective-only optimiser (α of the final objective over the fixed-slope
+#: intermediate bounds, 20 steps): the dual of the LP over the *same* bounds, so it never passes that LP
+FINAL_ALPHA_ONLY = {"alpha": "optimized", "slopes": "fixed", "optimize_intermediate": False}
+
 
 class DualBounder(Bounder):
     """Wong–Kolter dual bounds.
@@ -154,4 +158,4 @@ class DualBounder(Bounder):
                       ["ok"] * region.batch_size, method=method + (f"-proj{self.proj}" if estimated else ""))
 
 
-__all__ = ["DualBounder"]
+__all__ = ["DualBounder", "FINAL_ALPHA_ONLY"]
