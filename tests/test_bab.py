@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 import polytope_lab as pl
 from polytope_lab.vnnlib import Case, Disjunct
 
-from conftest import make_convnet, make_mlp, make_resnet, n_examples, pgd_extremes, random_inputs
+from conftest import (make_convnet, make_mlp, make_resnet, n_examples, pgd_extremes, pretrained_path, random_inputs,
+                      real_mnist_dir)
 
 NETS = {
     "mlp": lambda: (make_mlp([3, 10, 10, 3], seed=0), (3,)),
@@ -163,3 +164,16 @@ def test_find_points_shares_one_search_and_equals_the_milp(monkeypatch):
                 [Disjunct(A.numpy(), b.numpy()) for A, b in disjuncts[:2]])
     r = pl.verify_property(model, [case], 10, stages=("exact",), exact="bab")
     assert r.verdict == "unsat" and r.stage == "bab" and len(searches) == 1
+
+
+def test_pretrained_convnet_first_20_images_same_verdicts_as_the_milp():
+    """The paper's pretrained MNIST ConvNet at ε = 0.1 ∩ [0, 1], first 20 test images (needs the real data):
+    bab's certify reaches the MILP's verdict on every image (both decide all 20)."""
+    from polytope_lab import data, models
+    X, y = data.mnist("test", root=real_mnist_dir().parent, download=False)
+    model = models.load_state(models.mnist_convnet(), pretrained_path())
+    region = pl.LinfBall(X[:20], 0.1, clip=(0, 1))
+    milp = pl.Bounder.create("milp", threads=1).certify(model, region, y[:20])
+    bab = pl.Bounder.create("bab", time_limit=60).certify(model, region, y[:20])
+    assert set(milp.status) <= {"certified", "counterexample"}
+    assert bab.status == milp.status
