@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import polytope_lab as pl
 from polytope_lab.dual import intermediate_bounds, optimize_alpha
-from polytope_lab.dual.tight import (adaptive_slopes, ascend, optimized_bounds, optimized_layers, slope_bounds,
+from polytope_lab.dual.relu import adaptive_slopes
+from polytope_lab.dual.tight import (ascend, optimized_bounds, optimized_layers, slope_bounds,
                                      start_alpha)
 
 from conftest import (assert_within, make_convnet, make_mlp, make_resnet, n_examples, pgd_extremes,
@@ -132,7 +132,7 @@ def test_optimized_never_looser_than_its_start(steps):
     start = ascend(network, region, bounds, rows, 2, steps=0)
     opt = ascend(network, region, bounds, rows, 2, steps=steps)
     assert (opt >= start - 1e-12).all()
-    assert optimized_layers(network, bounds, None) == [1] and optimized_layers(network, bounds, 1) == [1]
+    assert optimized_layers(network, region, bounds, None) == [1] and optimized_layers(network, region, bounds, 1) == [1]
     tight = optimized_bounds(network, region, bounds, steps=steps)
     for (l, u), (l0, u0) in zip(tight, bounds):
         assert (l >= l0).all() and (u <= u0).all()

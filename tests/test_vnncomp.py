@@ -296,19 +296,20 @@ def test_bench_limit_and_timeout_scale(tiny, tmp_path):
 # ---------------------------------------------------------------------------------------- real instances
 
 
-@pytest.mark.parametrize("name, timeout, expected", [("prop_1_0.05", 60, "sat"), ("prop_2_0.05", 60, "unsat"),
-                                                     ("prop_1_0.03", 3, "timeout")])
+@pytest.mark.parametrize("name, timeout, expected", [("prop_1_0.05", 60, {"sat"}), ("prop_2_0.05", 60, {"unsat"}),
+                                                     ("prop_1_0.03", 2, {"timeout", "unsat"})])
 def test_real_mnistfc_instances(tmp_path, name, timeout, expected):
     """mnistfc instances (measured: prop_1 at ε = 0.05 falls to the attack, prop_2 to the dual, each in
-    about a second; prop_1 at ε = 0.03 is open after 120 s): the verdict, a sat that passes the
+    about a second; prop_1 at ε = 0.03 needs the search: the MILP is open after 120 s, BaB proves it unsat
+    in 1–2 s on an idle machine, so at 2 s either is right): the verdict, a sat that passes the
     competition's onnxruntime check, and a short timeout kept."""
     folder = real_path("POLYTOPE_LAB_BENCHMARKS", "vnncomp2021", "mnistfc", what="vnncomp2021/mnistfc/")
     net, prop = folder / "mnist-net_256x2.onnx", folder / f"{name}.vnnlib"
     results = tmp_path / "out.txt"
     start = time.monotonic()
-    assert run(net, prop, results, str(timeout)) == expected
+    assert run(net, prop, results, str(timeout)) in expected
     assert time.monotonic() - start < timeout
-    if expected == "sat":
+    if expected == {"sat"}:
         check_witness(net, prop, results)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .columns import basis
-from .relu import relu_slopes, relu_terms
+from .relu import lower_slope_step, relu_slopes, relu_terms
 from ..network import Network
 from ..regions import Region
 
@@ -51,8 +51,7 @@ def _relu_step(l: torch.Tensor, u: torch.Tensor, omega_hat: torch.Tensor, alpha=
     if alpha is None:
         omega = d * omega_hat
     else:  # ω = α[ω̂]₊ − u/(u−l)[ω̂]₋ on I, d ω̂ elsewhere
-        a = alpha.reshape(B, m, *shape)
-        omega = torch.where(unstable, a * omega_hat.clamp(min=0) + d * omega_hat.clamp(max=0), d * omega_hat)
+        omega = lower_slope_step(omega_hat, alpha.reshape(B, m, *shape), d, unstable)
     lo, up = relu_terms(omega.reshape(B, m, -1), lI)
     return omega, lo, up
 

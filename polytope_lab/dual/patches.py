@@ -17,7 +17,7 @@ from ..regions import Box, L2Ball, Region
 MAX_TRANSFER = 2 ** 24  # entries of a patch-to-patch matrix before we stop using patches
 
 
-def _stages(convs):
+def receptive_fields(convs):
     """(kernel, stride, padding) of the receptive field on each layer below the top, top-down."""
     top = convs[-1]
     k, s, p = top.weight.shape[2], top.stride[0], top.padding[0]
@@ -46,7 +46,7 @@ def cost(convs) -> int:
     """Multiply-adds per example of :func:`conv_jacobian` (0 if not eligible or too large)."""
     if len(convs) < 2 or not eligible(convs):
         return 0
-    stages = _stages(convs)
+    stages = receptive_fields(convs)
     total = 0
     for t, conv in enumerate(reversed(convs[:-1])):
         k_in, k_out = stages[t][0], stages[t + 1][0]
@@ -57,7 +57,7 @@ def cost(convs) -> int:
     return total * convs[-1].out_features
 
 
-def _transfer(conv: Conv2dOp, k_in: int) -> torch.Tensor:
+def transfer_matrix(conv: Conv2dOp, k_in: int) -> torch.Tensor:
     """Matrix mapping a patch (C_out, k_in, k_in) on conv's output to its image on conv's input."""
     c_out = conv.out_shape[0]
     n = c_out * k_in * k_in
@@ -65,7 +65,7 @@ def _transfer(conv: Conv2dOp, k_in: int) -> torch.Tensor:
     return F.conv_transpose2d(eye, conv.weight, stride=conv.stride).reshape(n, -1)
 
 
-def _unfold(t: torch.Tensor, k: int, s: int, p: int, out_hw) -> torch.Tensor:
+def unfold_windows(t: torch.Tensor, k: int, s: int, p: int, out_hw) -> torch.Tensor:
     """Patches of ``t`` (B, C, H, W) for a top grid of size out_hw: (B, oh*ow, C*k*k), zero outside."""
     B, C, H, W = t.shape
     oh, ow = out_hw
@@ -92,7 +92,7 @@ class PatchRows:
 
     def window(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (B|1, *in_shape) read through every row's window: (B|1, 1, L, C0·K·K), zero outside."""
-        return _unfold(t, self.k, self.s, self.p, self.out_hw).unsqueeze(1)
+        return unfold_windows(t, self.k, self.s, self.p, self.out_hw).unsqueeze(1)
 
     def deviation(self, region: Region) -> torch.Tensor:
         """``region.deviation`` of every row, (B, n_top)."""
@@ -160,13 +160,13 @@ def conv_jacobian(convs, slopes) -> PatchRows:
     """
     top = convs[-1]
     c_top, oh, ow = top.out_shape
-    stages = _stages(convs)
+    stages = receptive_fields(convs)
     # rows as patches on the top conv's input: the kernel at every position          # (1, c_top, 1, C*k*k)
     P = top.weight.reshape(1, c_top, 1, -1)
     for t, conv in enumerate(reversed(convs[:-1])):
         k, s, p = stages[t]
-        D = _unfold(slopes[len(convs) - 2 - t], k, s, p, (oh, ow))                 # (B, L, C*k*k)
+        D = unfold_windows(slopes[len(convs) - 2 - t], k, s, p, (oh, ow))                 # (B, L, C*k*k)
         P = P * D.unsqueeze(1)                                                      # (B, c_top, L, C*k*k)
-        P = P @ _transfer(conv, k)                                                  # (B, c_top, L, C'*k'*k')
+        P = P @ transfer_matrix(conv, k)                                                  # (B, c_top, L, C'*k'*k')
     k, s, p = stages[-1]
     return PatchRows(P, convs[0].in_shape, k, s, p, (oh, ow))

@@ -15,6 +15,12 @@ def relu_slopes(l: torch.Tensor, u: torch.Tensor):
     return d, unstable
 
 
+def adaptive_slopes(l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """CROWN's lower slope: 1 on I where ``u ≥ −l`` (else 0), 1 on I⁺, 0 on I⁻; same shape as l."""
+    unstable = (l < 0) & (u > 0)
+    return torch.where(unstable, (u >= -l).to(l.dtype), (l >= 0).to(l.dtype))
+
+
 def relu_terms(G: torch.Tensor, lI: torch.Tensor):
     """``(Σ_q lI_q [−G_q]₊, Σ_q lI_q [G_q]₊)``, each (B, n), over the columns q of G (B|1, n, q) with lI
     (B, q): the unstable units' terms of the lower and the upper bound (eq. 23's ``Σ_{j∈I} l_j [ν_j]₊``),
@@ -22,6 +28,38 @@ def relu_terms(G: torch.Tensor, lI: torch.Tensor):
     lI = lI.unsqueeze(-1)                                                       # (B, q, 1)
     pos = torch.matmul(G.clamp(min=0), lI).squeeze(-1)
     return pos - torch.matmul(G, lI).squeeze(-1), pos
+
+
+class LowerSlopeStep(torch.autograd.Function):
+    """The ReLU step with lower slopes α: ``ω = s [ω̂]₊ + d [ω̂]₋`` with ``s = α`` on I and ``s = d``
+    elsewhere (on I this is ``α[ω̂]₊ + d[ω̂]₋``, elsewhere ``d ω̂``), with its gradient in a few fused
+    passes (the tight mode's inner loop is bound by these elementwise passes; masks are multiplied in,
+    which is faster than ``where`` on the CPU). ``s = α·1_I + d·(1 − 1_I)`` is exact, so ω is exactly 0
+    where α = 0 and ω̂ > 0: the kinks of the terms above then see ω = 0, not a rounding error of either
+    sign. ω̂, α (B, m, …); d and the mask of I (bool or 0/1 floats) broadcastable to them."""
+
+    @staticmethod
+    def forward(ctx, omega_hat, alpha, d, unstable):
+        mask = unstable.to(alpha.dtype)
+        slope = torch.addcmul(d * (1 - mask), alpha, mask)
+        ctx.save_for_backward(omega_hat, slope, d, mask)
+        return torch.addcmul(d * omega_hat.clamp(max=0), slope, omega_hat.clamp(min=0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        omega_hat, slope, d, mask = ctx.saved_tensors
+        positive = (omega_hat > 0).to(grad.dtype)
+        grad_hat = grad * torch.addcmul(d, slope - d, positive) if ctx.needs_input_grad[0] else None
+        grad_alpha = (grad * omega_hat.clamp(min=0)).mul_(mask) if ctx.needs_input_grad[1] else None
+        return grad_hat, grad_alpha, None, None
+
+
+def lower_slope_step(omega_hat, alpha, d, unstable):
+    """``ω = α[ω̂]₊ + d[ω̂]₋`` on I, ``d ω̂`` elsewhere (:class:`LowerSlopeStep`; plain autograd when the
+    slopes d themselves carry a gradient, e.g. a loss trained through the bounds)."""
+    if d.requires_grad:
+        return torch.where(unstable.bool(), alpha * omega_hat.clamp(min=0) + d * omega_hat.clamp(max=0), d * omega_hat)
+    return LowerSlopeStep.apply(omega_hat, alpha, d, unstable)
 
 
 def max_unstable(unstable: torch.Tensor) -> int:
@@ -47,4 +85,4 @@ def unstable_units(d: torch.Tensor, unstable: torch.Tensor, l: torch.Tensor) -> 
     return UnstableUnits(order, torch.gather(d, 1, order) * valid, torch.gather(l, 1, order) * valid)
 
 
-__all__ = ["relu_slopes", "relu_terms", "max_unstable", "UnstableUnits", "unstable_units"]
+__all__ = ["relu_slopes", "adaptive_slopes", "relu_terms", "lower_slope_step", "max_unstable", "UnstableUnits", "unstable_units"]

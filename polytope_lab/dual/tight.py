@@ -17,19 +17,15 @@ import torch
 
 from .backward import backward
 from .intermediate import FLOAT_BYTES
-from .relu import relu_slopes, unstable_units
+from .relu import adaptive_slopes, relu_slopes, unstable_units
+from .unit_patches import UnitPatches, patch_chain, patch_floats
 from ..network import Network
 from ..regions import Region
 
 SLOPES = ("fixed", "adaptive", "best")
 AUTO_WORK = 2 ** 25  # floats per step of one layer's rows that intermediate_layers="auto" optimises
+WORKING_FLOATS = 2 ** 22  # floats per tensor of one ascent chunk (see row_chunk)
 WORK_FACTOR = 8  # tensors of a row's size alive per layer in one ascent step (α, grad, Adam's 2, ω, ω̂, …)
-
-
-def adaptive_slopes(l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """CROWN's lower slope: 1 on I where ``u ≥ −l`` (else 0), 1 on I⁺, 0 on I⁻; same shape as l."""
-    unstable = (l < 0) & (u > 0)
-    return torch.where(unstable, (u >= -l).to(l.dtype), (l >= 0).to(l.dtype))
 
 
 def per_row(slopes: torch.Tensor, m: int) -> torch.Tensor:
@@ -37,48 +33,63 @@ def per_row(slopes: torch.Tensor, m: int) -> torch.Tensor:
     return slopes.unsqueeze(1).expand(slopes.shape[0], m, *slopes.shape[1:])
 
 
-def start_alpha(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int):
-    """The better of the fixed and the adaptive α per row: (α per ReLU layer below ``top`` (B, m, *shape),
-    J (B, m) at that α). Both are sound; so is their per-row maximum."""
-    m = rows.shape[1]
-    fixed = [per_row(relu_slopes(l, u)[0], m) for l, u in bounds[:top]]
-    adaptive = [per_row(adaptive_slopes(l, u), m) for l, u in bounds[:top]]
-    J0 = backward(network, region, bounds, rows, top, fixed)[0]
-    J1 = backward(network, region, bounds, rows, top, adaptive)[0]
+def better_start(objective, fixed: list, adaptive: list):
+    """The better of two α lists per row: (α, J (B, m) at that α), for ``objective`` (α list → J (B, m));
+    α tensors are (B, m, …). Both are sound; so is their per-row maximum."""
+    J0, J1 = objective(fixed), objective(adaptive)
     pick = J1 > J0
     alpha = [torch.where(pick.reshape(*pick.shape, *([1] * (a.dim() - 2))), b, a) for a, b in zip(fixed, adaptive)]
     return alpha, torch.maximum(J0, J1)
 
 
-def ascend(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, steps: int = 20,
-           lr: float = 0.5, decay: float = 0.98, tol: float = 1e-6, patience: int = 5) -> torch.Tensor:
-    """Sound lower bounds (B, m) of ``rowsᵀ ẑ`` at the output of affine ``top``, rows (B, m, *out_shape),
-    maximised over α ∈ [0, 1] (one α per row and ReLU layer below ``top``).
+def start_alpha(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int):
+    """The better of the fixed and the adaptive α per row: (α per ReLU layer below ``top`` (B, m, *shape),
+    J (B, m) at that α)."""
+    m = rows.shape[1]
+    fixed = [per_row(relu_slopes(l, u)[0], m) for l, u in bounds[:top]]
+    adaptive = [per_row(adaptive_slopes(l, u), m) for l, u in bounds[:top]]
+    return better_start(lambda alpha: backward(network, region, bounds, rows, top, alpha)[0], fixed, adaptive)
 
-    Starts at :func:`start_alpha`; then projected Adam (lr ``lr``, times ``decay`` per step) for at most
-    ``steps`` steps, stopping early once the batch's summed best bound gained less than ``tol`` (relative)
-    for ``patience`` steps in a row. Every iterate is a sound bound and the best per row is kept.
-    Memory: about ``WORK_FACTOR`` tensors of B·m·n_j floats per layer j below ``top``; time per step: a
-    backward pass of the m rows and its gradient (about 3 backward passes).
-    """
+
+def ascend(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, steps: int = 20,
+           lr: float = 0.5, decay: float = 0.98) -> torch.Tensor:
+    """Sound lower bounds (B, m) of ``rowsᵀ ẑ`` at the output of affine ``top``, rows (B, m, *out_shape),
+    maximised over α ∈ [0, 1] (one α per row and ReLU layer below ``top``) by :func:`ascend_alpha` from
+    :func:`start_alpha`. Memory: about ``WORK_FACTOR`` tensors of B·m·n_j floats per layer j below ``top``;
+    time per step: a backward pass of the m rows and its gradient (about 3 backward passes)."""
     bounds = [(l.detach(), u.detach()) for l, u in bounds[:top]]
     with torch.no_grad():
         alpha, best = start_alpha(network, region, bounds, rows, top)
-    if steps == 0 or not bounds:
+    if not bounds:
         return best
-    alpha = [a.clone().requires_grad_(True) for a in alpha]
+    return ascend_alpha(lambda a: backward(network, region, bounds, rows, top, a)[0], alpha, best, steps, lr, decay)
+
+
+def ascend_alpha(objective, alpha: list, best: torch.Tensor, steps: int = 20, lr: float = 0.5,
+                 decay: float = 0.98, tol: float = 1e-6, patience: int = 5) -> torch.Tensor:
+    """``max(best, objective(α))`` (B, m) over the iterates of projected Adam on α ∈ [0, 1], from ``alpha``
+    (``best``: the bound there): lr ``lr``, times ``decay`` per step, at most ``steps`` steps. A row stops
+    (its best is frozen) once it gained less than ``tol`` (relative) for ``patience`` steps in a row, and
+    the ascent ends when every row has stopped. Adam is elementwise and the stop is per row, so a row's
+    bound does not depend on the other rows of its batch or chunk. Every iterate is a sound bound."""
+    if steps == 0:
+        return best
+    alpha = [a.detach().clone().requires_grad_(True) for a in alpha]
     opt = torch.optim.Adam(alpha, lr=lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, decay)
-    stalled = 0
-    for step in range(steps):
+    stalled = torch.zeros(best.shape, dtype=torch.int64, device=best.device)
+    for step in range(steps + 1):
         with torch.enable_grad():
-            J = backward(network, region, bounds, rows, top, alpha)[0]
-            grads = torch.autograd.grad(-J.sum(), alpha)  # α only: never touches the model's .grad
-        new = torch.maximum(best, J.detach())
-        gain = float((new - best).sum()) / (float(new.abs().sum()) + 1e-12)
+            J = objective(alpha)
+            grads = torch.autograd.grad(-J.sum(), alpha) if step < steps else None  # α only, not the model
+        J = J.detach()
+        running = stalled < patience
+        new = torch.where(running, torch.maximum(best, J), best)
+        if step:
+            flat = new - best <= tol * new.abs()
+            stalled = torch.where(running, torch.where(flat, stalled + 1, torch.zeros_like(stalled)), stalled)
         best = new
-        stalled = stalled + 1 if step and gain < tol else 0
-        if stalled >= patience:
+        if grads is None or not bool((stalled < patience).any()):
             return best
         for a, g in zip(alpha, grads):
             a.grad = g
@@ -87,14 +98,24 @@ def ascend(network: Network, region: Region, bounds: list, rows: torch.Tensor, t
         with torch.no_grad():
             for a in alpha:
                 a.clamp_(0.0, 1.0)
-    with torch.no_grad():
-        return torch.maximum(best, backward(network, region, bounds, rows, top, alpha)[0])
+    return best
 
 
-def row_chunk(network: Network, B: int, top: int, max_memory: float) -> int:
-    """Rows per :func:`ascend` call so that its tensors stay under ``max_memory`` bytes."""
-    per_row = WORK_FACTOR * FLOAT_BYTES * B * sum(network.affines[j].out_features for j in range(top + 1))
-    return max(1, int(max_memory // max(per_row, 1)))
+def row_floats(network: Network, region: Region, top: int) -> int:
+    """Floats of one row ±e_j of layer ``top`` on the layers below it and the input: its receptive-field
+    patches when the layers below are a conv chain (:mod:`.unit_patches`), else the layers' sizes."""
+    if patch_chain(network, region, top):
+        return patch_floats(network, top)
+    return sum(network.affines[j].in_features for j in range(top + 1))
+
+
+def row_chunk(network: Network, region: Region, top: int, max_memory: float) -> int:
+    """Rows per :func:`ascend` call so that its tensors stay under ``max_memory`` bytes, and each of them
+    under ``WORKING_FLOATS`` (larger ones are mapped fresh by the allocator on every elementwise pass, whose
+    page faults then cost more than the pass: 2–4× on the bench ConvNet)."""
+    floats = region.batch_size * row_floats(network, region, top)
+    by_memory = max_memory // max(WORK_FACTOR * FLOAT_BYTES * floats, 1)
+    return max(1, int(min(by_memory, WORKING_FLOATS // max(floats, 1))))
 
 
 def unit_rows(order: torch.Tensor, valid: torch.Tensor, shape, dtype) -> torch.Tensor:
@@ -111,22 +132,29 @@ def bound_units(network: Network, region: Region, bounds: list, i: int, select: 
                 lr: float, decay: float, max_memory: float, adaptive: bool = False):
     """(l, u) of layer i (B, *shape) with the units ``select`` (B, n) re-bounded by :func:`ascend` (``steps``
     = 0: the better of fixed and adaptive α; ``adaptive``: the adaptive α only) over ``bounds`` of the
-    layers below, in chunks of units; the elementwise best of the old and new bounds is kept."""
+    layers below, in chunks of units; the elementwise best of the old and new bounds is kept. Below a
+    conv chain the rows run as receptive-field patches (:class:`~.unit_patches.UnitPatches`)."""
     l, u = bounds[i]
     B, shape = l.shape[0], l.shape[1:]
     l, u = l.reshape(B, -1).clone(), u.reshape(B, -1).clone()
     units = unstable_units(select.to(l.dtype), select, l)
     q = units.order.shape[1]
     valid = torch.arange(q, device=l.device)[None, :] < select.sum(1)[:, None]
-    step = max(1, row_chunk(network, B, i, max_memory) // 2)
+    step = max(1, row_chunk(network, region, i, max_memory) // 2)
+    patches = patch_chain(network, region, i)
     for start in range(0, q, step):
         order, ok = units.order[:, start:start + step], valid[:, start:start + step]
-        rows = unit_rows(order, ok, shape, l.dtype)
-        if adaptive:
+        if patches:
+            rows = UnitPatches(network, region, bounds, i, order)
+            with torch.no_grad():
+                start = rows.lower(rows.adaptive) if adaptive else better_start(rows.lower, rows.fixed, rows.adaptive)
+            J = start if adaptive else ascend_alpha(rows.lower, *start, steps, lr, decay)
+        elif adaptive:
+            rows = unit_rows(order, ok, shape, l.dtype)
             alpha = [per_row(adaptive_slopes(*lu), rows.shape[1]) for lu in bounds[:i]]
             J = backward(network, region, bounds, rows, i, alpha)[0]
         else:
-            J = ascend(network, region, bounds, rows, i, steps, lr, decay)
+            J = ascend(network, region, bounds, unit_rows(order, ok, shape, l.dtype), i, steps, lr, decay)
         c = order.shape[1]
         lo, up = J[:, :c], -J[:, c:]
         l.scatter_(1, order, torch.where(ok, torch.maximum(l.gather(1, order), lo), l.gather(1, order)))
@@ -174,10 +202,11 @@ def adaptive_layer(network: Network, region: Region, below: list, i: int, given,
         return bound_units(network, region, below + [(l, u)], i, select, 0, 0.0, 1.0, max_memory, adaptive=True)
 
 
-def optimized_layers(network: Network, bounds: list, layers="auto") -> list:
+def optimized_layers(network: Network, region: Region, bounds: list, layers="auto") -> list:
     """The ReLU layers i ≥ 1 whose α :func:`optimized_bounds` optimises: all (``layers`` None), the last k
     (an int), or ("auto") those whose rows cost at most ``AUTO_WORK`` floats per step:
-    ``B · 2q_i · Σ_{j<i} n_j ≤ AUTO_WORK`` (q_i the batch's most unstable units); on the others the best
+    ``B · 2q_i · r_i ≤ AUTO_WORK`` (q_i the batch's most unstable units, r_i a row's floats below layer i,
+    :func:`row_floats`: its patches below a conv chain, else ``Σ_{j<i} n_j``); on the others the best
     of fixed and adaptive slopes stays (cheap, a fraction of the gain: the last layers matter most)."""
     n = len(bounds)
     if layers is None:
@@ -190,8 +219,7 @@ def optimized_layers(network: Network, bounds: list, layers="auto") -> list:
     for i in range(1, n):
         l, u = bounds[i]
         q = int(unstable(l, u).sum(1).max()) if l.shape[0] else 0
-        below = sum(network.affines[j].out_features for j in range(i))
-        if l.shape[0] * 2 * q * below <= AUTO_WORK:
+        if l.shape[0] * 2 * q * row_floats(network, region, i) <= AUTO_WORK:
             chosen.append(i)
     return chosen
 
@@ -203,8 +231,9 @@ def optimized_bounds(network: Network, region: Region, bounds: list, steps: int 
     q_i) maximised by :func:`ascend` over the already tightened layers below; the elementwise best of old
     and new bounds is kept (both sound).
 
-    Memory per layer i: about ``WORK_FACTOR · 4 · B · 2q_i · Σ_{j≤i} n_j`` bytes, chunked over units to stay
-    under ``max_memory``; time per layer: ``steps`` (or fewer, early stop) forward+backward passes of
+    Memory per layer i: about ``WORK_FACTOR · 4 · B · 2q_i · r_i`` bytes (r_i = :func:`row_floats`: the rows'
+    receptive-field patches below a conv chain, else ``Σ_{j<i} n_j``), chunked over units to stay under
+    ``max_memory`` and ``WORKING_FLOATS`` per tensor; time per layer: ``steps`` (or fewer, early stop) forward+backward passes of
     2q_i rows through layers 1 … i.
     """
     out = list(bounds)
@@ -217,5 +246,5 @@ def optimized_bounds(network: Network, region: Region, bounds: list, steps: int 
     return out
 
 
-__all__ = ["SLOPES", "adaptive_slopes", "per_row", "start_alpha", "ascend", "unit_rows", "bound_units",
+__all__ = ["SLOPES", "per_row", "start_alpha", "better_start", "ascend", "ascend_alpha", "row_floats", "unit_rows", "bound_units",
            "slope_bounds", "adaptive_layer", "optimized_layers", "optimized_bounds", "row_chunk", "AUTO_WORK"]
