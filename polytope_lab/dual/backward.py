@@ -42,7 +42,8 @@ def _relu_step(l: torch.Tensor, u: torch.Tensor, omega_hat: torch.Tensor, alpha=
     """Through a ReLU layer with bounds l, u (B, *shape): ``ν_i`` from ``ν̂_i`` (eq. 22, in ω) and its
     terms ``Σ_{j∈I} l_j [ν_j]₊`` for the rows and the negated rows, returns (ω_i, lo, up).
 
-    alpha: None for the fixed choice α = u/(u−l) (``ν_i = D_i ν̂_i``, eq. 26), else (B, m, *shape)."""
+    alpha: None for the fixed choice α = u/(u−l) (``ν_i = D_i ν̂_i``, eq. 26), else (B, m, *shape), or
+    (B, 1, *shape) for one α shared by the rows."""
     B, m = omega_hat.shape[:2]
     shape = omega_hat.shape[2:]
     d, unstable = relu_slopes(l, u)
@@ -51,7 +52,7 @@ def _relu_step(l: torch.Tensor, u: torch.Tensor, omega_hat: torch.Tensor, alpha=
     if alpha is None:
         omega = d * omega_hat
     else:  # ω = α[ω̂]₊ − u/(u−l)[ω̂]₋ on I, d ω̂ elsewhere
-        omega = lower_slope_step(omega_hat, alpha.reshape(B, m, *shape), d, unstable)
+        omega = lower_slope_step(omega_hat, alpha.reshape(B, -1, *shape), d, unstable)  # α per row, or (B, 1, …) shared
     lo, up = relu_terms(omega.reshape(B, m, -1), lI)
     return omega, lo, up
 
