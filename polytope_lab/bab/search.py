@@ -103,8 +103,7 @@ class Search:
     def tighten(self):
         """Tighten the root's intermediate bounds by optimised α (once; dearer than a root bound on conv nets)."""
         if self.s.root_steps and not self.tightened:
-            self.root = tightened_bounds(self.net, self.region, self.root, self.s.root_steps, self.s.lr,
-                                         budget=self.budget)
+            self.root = tightened_bounds(self.net, self.region, self.root, self.s.root_steps, budget=self.budget)
         self.tightened = True
 
     # ---------------------------------------------------------------- incumbents and closing

@@ -17,6 +17,7 @@ import torch
 
 from .backward import backward
 from .relu import relu_slopes
+from .tight import TIGHT_DECAY, bound_units, unstable
 from ..network import Network
 from ..regions import Region
 
@@ -95,31 +96,21 @@ def split_dual(network: Network, region: Region, bounds: list, signs: list, C: t
     return SplitBound(best, [a.detach() for a in alpha], [b.detach() for b in beta], hats[1:], hats[0])
 
 
-def tightened_bounds(network: Network, region: Region, bounds: list, steps: int = 20, lr: float = 0.1,
-                     budget=None) -> list:
-    """The root's intermediate bounds tightened layer by layer by optimised α: for each ReLU layer i ≥ 1,
-    the rows ±e_j of its unstable units bounded through the truncated network ``A_1 … A_i`` (skips
-    included) by :func:`split_dual` (no splits), with the layers below already tightened; the
-    elementwise best of the old and new bounds (both sound) is kept. Fewer unstable units: fewer splits."""
+def tightened_bounds(network: Network, region: Region, bounds: list, steps: int = 20, lr: float = 0.5,
+                     budget=None, max_memory: float = 2 ** 32) -> list:
+    """The root's intermediate bounds tightened layer by layer by optimised α, as the tight mode does
+    (:func:`~.tight.optimized_bounds`: for each ReLU layer i ≥ 1 the rows ±e_j of its unstable units, from
+    the better of fixed and adaptive α, as receptive-field patches below a conv chain, skips included),
+    ``steps`` steps of lr ``lr``; the elementwise best of the old and new bounds (both sound) is kept.
+    ``budget`` (``.expired``) stops it between steps: the bounds so far are sound. Fewer unstable units:
+    fewer splits."""
     out = [(l.clone(), u.clone()) for l, u in bounds]
-    B = region.batch_size
     for i in range(1, len(out)):
         if budget is not None and budget.expired:
             break
-        l, u = (t.reshape(B, -1) for t in out[i])
-        units = torch.nonzero(((l < 0) & (u > 0)).any(0)).reshape(-1)
-        if not len(units):
-            continue
-        sub = Network(network.affines[: i + 1], network.input_shape,
-                      {k: v for k, v in network.skips.items() if k <= i})
-        eye = torch.zeros(len(units), l.shape[1], dtype=l.dtype)
-        eye[torch.arange(len(units)), units] = 1.0
-        C = torch.cat([eye, -eye]).unsqueeze(0).expand(B, -1, -1)
-        signs = [torch.zeros(t.shape, dtype=torch.int8) for t, _ in out[:i]]
-        J = split_dual(sub, region, out[:i], signs, C, steps=steps, lr=lr, budget=budget).lower
-        l[:, units] = torch.maximum(l[:, units], J[:, :len(units)])
-        u[:, units] = torch.minimum(u[:, units], -J[:, len(units):])
-        out[i] = (l.reshape(out[i][0].shape), u.reshape(out[i][1].shape))
+        mask = unstable(*out[i])
+        if mask.any():
+            out[i] = bound_units(network, region, out, i, mask, steps, lr, TIGHT_DECAY, max_memory, budget=budget)
     return out
 
 

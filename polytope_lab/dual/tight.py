@@ -24,6 +24,7 @@ from ..regions import Region
 
 SLOPES = ("fixed", "adaptive", "best")
 AUTO_WORK = 2 ** 25  # floats per step of one layer's rows that intermediate_layers="auto" optimises
+TIGHT_DECAY = 0.98  # the tight mode's lr factor per step
 WORKING_FLOATS = 2 ** 22  # floats per tensor of one ascent chunk (see row_chunk)
 WORK_FACTOR = 8  # tensors of a row's size alive per layer in one ascent step (α, grad, Adam's 2, ω, ω̂, …)
 
@@ -52,7 +53,7 @@ def start_alpha(network: Network, region: Region, bounds: list, rows: torch.Tens
 
 
 def ascend(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, steps: int = 20,
-           lr: float = 0.5, decay: float = 0.98) -> torch.Tensor:
+           lr: float = 0.5, decay: float = 0.98, budget=None) -> torch.Tensor:
     """Sound lower bounds (B, m) of ``rowsᵀ ẑ`` at the output of affine ``top``, rows (B, m, *out_shape),
     maximised over α ∈ [0, 1] (one α per row and ReLU layer below ``top``) by :func:`ascend_alpha` from
     :func:`start_alpha`. Memory: about ``WORK_FACTOR`` tensors of B·m·n_j floats per layer j below ``top``;
@@ -62,18 +63,20 @@ def ascend(network: Network, region: Region, bounds: list, rows: torch.Tensor, t
         alpha, best = start_alpha(network, region, bounds, rows, top)
     if not bounds:
         return best
-    return ascend_alpha(lambda a: backward(network, region, bounds, rows, top, a)[0], alpha, best, steps, lr, decay)
+    return ascend_alpha(lambda a: backward(network, region, bounds, rows, top, a)[0], alpha, best, steps, lr, decay,
+                        budget=budget)
 
 
 def ascend_alpha(objective, alpha: list, best: torch.Tensor, steps: int = 20, lr: float = 0.5,
-                 decay: float = 0.98, tol: float = 1e-6, patience: int = 20) -> torch.Tensor:
+                 decay: float = 0.98, tol: float = 1e-6, patience: int = 20, budget=None) -> torch.Tensor:
     """``max(best, objective(α))`` (B, m) over the iterates of projected Adam on α ∈ [0, 1], from ``alpha``
     (``best``: the bound there): lr ``lr``, times ``decay`` per step, at most ``steps`` steps. A row stops
     (its best is frozen) once it gained less than ``tol`` (relative) for ``patience`` steps in a row, and
     the ascent ends when every row has stopped. Adam is elementwise and the stop is per row, so a row's
     bound does not depend on the other rows of its batch or chunk. With lr 0.5 a row often loses ground for
     several steps before it gains (Adam overshoots from the 0/1 slopes), hence the long patience: with 5
-    the toy bench net's width rose 0.1–0.8%. Every iterate is a sound bound."""
+    the toy bench net's width rose 0.1–0.8%. ``budget`` (``.expired``) ends it early. Every iterate is a
+    sound bound."""
     if steps == 0:
         return best
     alpha = [a.detach().clone().requires_grad_(True) for a in alpha]
@@ -91,7 +94,7 @@ def ascend_alpha(objective, alpha: list, best: torch.Tensor, steps: int = 20, lr
             flat = new - best <= tol * new.abs()
             stalled = torch.where(running, torch.where(flat, stalled + 1, torch.zeros_like(stalled)), stalled)
         best = new
-        if grads is None or not bool((stalled < patience).any()):
+        if grads is None or not bool((stalled < patience).any()) or (budget is not None and budget.expired):
             return best
         for a, g in zip(alpha, grads):
             a.grad = g
@@ -131,11 +134,12 @@ def unit_rows(order: torch.Tensor, valid: torch.Tensor, shape, dtype) -> torch.T
 
 
 def bound_units(network: Network, region: Region, bounds: list, i: int, select: torch.Tensor, steps: int,
-                lr: float, decay: float, max_memory: float, adaptive: bool = False):
+                lr: float, decay: float, max_memory: float, adaptive: bool = False, budget=None):
     """(l, u) of layer i (B, *shape) with the units ``select`` (B, n) re-bounded by :func:`ascend` (``steps``
     = 0: the better of fixed and adaptive α; ``adaptive``: the adaptive α only) over ``bounds`` of the
     layers below, in chunks of units; the elementwise best of the old and new bounds is kept. Below a
-    conv chain the rows run as receptive-field patches (:class:`~.unit_patches.UnitPatches`)."""
+    conv chain the rows run as receptive-field patches (:class:`~.unit_patches.UnitPatches`). ``budget``
+    (``.expired``) stops the ascent and the chunks early; the units not reached keep their bounds."""
     l, u = bounds[i]
     B, shape = l.shape[0], l.shape[1:]
     l, u = l.reshape(B, -1).clone(), u.reshape(B, -1).clone()
@@ -145,18 +149,20 @@ def bound_units(network: Network, region: Region, bounds: list, i: int, select: 
     step = max(1, row_chunk(network, region, i, max_memory) // 2)
     patches = patch_chain(network, region, i)
     for start in range(0, q, step):
+        if budget is not None and budget.expired:
+            break
         order, ok = units.order[:, start:start + step], valid[:, start:start + step]
         if patches:
             rows = UnitPatches(network, region, bounds, i, order)
             with torch.no_grad():
                 start = rows.lower(rows.adaptive) if adaptive else better_start(rows.lower, rows.fixed, rows.adaptive)
-            J = start if adaptive else ascend_alpha(rows.lower, *start, steps, lr, decay)
+            J = start if adaptive else ascend_alpha(rows.lower, *start, steps, lr, decay, budget=budget)
         elif adaptive:
             rows = unit_rows(order, ok, shape, l.dtype)
             alpha = [adaptive_slopes(*lu).unsqueeze(1) for lu in bounds[:i]]          # shared by the rows
             J = backward(network, region, bounds, rows, i, alpha)[0]
         else:
-            J = ascend(network, region, bounds, unit_rows(order, ok, shape, l.dtype), i, steps, lr, decay)
+            J = ascend(network, region, bounds, unit_rows(order, ok, shape, l.dtype), i, steps, lr, decay, budget)
         c = order.shape[1]
         lo, up = J[:, :c], -J[:, c:]
         l.scatter_(1, order, torch.where(ok, torch.maximum(l.gather(1, order), lo), l.gather(1, order)))
@@ -249,4 +255,4 @@ def optimized_bounds(network: Network, region: Region, bounds: list, steps: int 
 
 
 __all__ = ["SLOPES", "per_row", "start_alpha", "better_start", "ascend", "ascend_alpha", "row_floats", "unit_rows", "bound_units",
-           "slope_bounds", "adaptive_layer", "optimized_layers", "optimized_bounds", "row_chunk", "AUTO_WORK"]
+           "slope_bounds", "adaptive_layer", "optimized_layers", "optimized_bounds", "row_chunk", "AUTO_WORK", "TIGHT_DECAY", "unstable"]
