@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import polytope_lab as pl
 from polytope_lab.vnnlib import Case, Disjunct
+from polytope_lab.bab.bounder import inside_in_dtype
 
 from conftest import (make_convnet, make_mlp, make_resnet, n_examples, pgd_extremes, pretrained_path, random_inputs,
                       real_mnist_dir)
@@ -72,6 +73,38 @@ def test_certify_verdicts_equal_the_milp():
                 point = b.counterexample[i:i + 1]
                 assert region.select([i]).contains(point).all()
                 assert model(point).argmax(1).item() != b.y[i].item() or b.counterexample_margin[i] <= 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_counterexample_lies_in_the_asked_region_exactly(dtype):
+    """A float64 ball on a float32 net is searched in its (wider, outward-rounded) float32 cast; a float32
+    ball's edge x ± eps is not always a float32 number. Every reported counterexample still lies in the
+    ball asked for (its exact float64 box), with no tolerance, in the caller's dtype, and violates there."""
+    model = make_mlp([6, 30, 30, 3], seed=4).float()
+    x = random_inputs((6,), batch=8, seed=4).to(dtype)
+    region = pl.LinfBall(x, 0.47)
+    cert = _bab().certify(model, region)
+    found = [i for i, s in enumerate(cert.status) if s == "counterexample"]
+    assert found, "the test needs counterexamples"
+    assert cert.counterexample.dtype == dtype
+    lo, hi = region.to(dtype=torch.float64).box()
+    for i in found:
+        point = cert.counterexample[i:i + 1].double()
+        assert (point >= lo[i:i + 1]).all() and (point <= hi[i:i + 1]).all()
+        assert cert.counterexample_margin[i] <= 0
+
+
+def test_inside_in_dtype_rounds_towards_the_inside():
+    """The edge x ± eps of a float32 ball is often not a float32 number: the nearest one can lie outside
+    (a witness off by half an ulp); ``inside_in_dtype`` takes the neighbour inside instead."""
+    x = torch.linspace(0.01, 0.99, 97, dtype=torch.float32).reshape(1, -1)
+    region = pl.LinfBall(x, 0.1).to(dtype=torch.float64)
+    lo, hi = region.box()
+    corners = torch.cat([lo, hi])
+    assert (corners.to(torch.float32).double() > hi).any() or (corners.to(torch.float32).double() < lo).any()
+    for corner in corners:
+        y = inside_in_dtype(region, corner.reshape(1, -1), torch.float32)
+        assert (y >= lo).all() and (y <= hi).all() and torch.equal(y, y.float().double())
 
 
 def test_a_time_limit_gives_a_sound_bound_and_its_status():

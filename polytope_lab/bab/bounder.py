@@ -33,6 +33,16 @@ def decide_offsets(values: torch.Tensor) -> torch.Tensor:
     return CERTIFY_TOL * values.abs().clamp(min=1.0)
 
 
+def inside_in_dtype(region: Box, x: torch.Tensor, dtype) -> torch.Tensor:
+    """``x`` projected onto ``region`` (float64), then rounded to a ``dtype`` value that still lies in it
+    (one step towards the inside where the nearest one falls outside), returned in float64."""
+    lo, hi = region.box()
+    y = region.project(x).to(dtype)
+    y = torch.where(y.double() > hi, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
+    y = torch.where(y.double() < lo, torch.nextafter(y, torch.full_like(y, math.inf)), y)
+    return y.double()
+
+
 def _progress(enabled: bool, desc: str):
     if not enabled:
         return None
@@ -134,10 +144,11 @@ class BaBBounder(Bounder):
         > δ + ``BOUND_TOL``, δ = :func:`decide_offsets` of its value at the centre; a point of the region
         with some margin ≤ 0 on the float64 network is a counterexample (and ends the example), one with a
         margin in (0, δ] makes it "unknown". "certified" only when every margin closed."""
+        asked = self.check_region(region).to(device="cpu", dtype=torch.float64)  # the caller's region, exactly
+        dt, dev = region.x.dtype, region.x.device                                # results in the caller's dtype
         network, region = self.prepare(model, region)
         y = certified_labels(network, region, y)
         B, shape = region.batch_size, network.input_shape
-        dt, dev = region.x.dtype, region.x.device
         net64, reg64 = self.float64(network, region)
         C = check_objective(margin_matrix(y, network.output_size), net64, reg64)
         margin = torch.full((B,), -math.inf, dtype=torch.float64)
@@ -157,21 +168,24 @@ class BaBBounder(Bounder):
                 delta = decide_offsets(at)
                 search = self._search(net64, reg64.select([b]), rows, delta.reshape(-1, 1),
                                       True, Budget(self.time_limit), f"bab certify {b}")
-                statuses.append(self._verdict(search, net64, C[b], b, cex, cex_margin))
+                statuses.append(self._verdict(search, net64, C[b], asked.select([b]), dt, b, cex, cex_margin))
                 margin[b] = float((search.lower() + delta).min())
             seconds.append(time.perf_counter() - start)
         return Certification(statuses, margin.to(device=dev, dtype=dt), cex.to(device=dev, dtype=dt),
                              cex_margin.to(device=dev, dtype=dt), y, seconds, method="bab")
 
     @staticmethod
-    def _verdict(search: Search, net64, rows, b, cex, cex_margin) -> str:
-        """One example's verdict from its margins' search; a counterexample is re-run on the network."""
+    def _verdict(search: Search, net64, rows, asked, dtype, b, cex, cex_margin) -> str:
+        """One example's verdict from its margins' search; a counterexample is projected onto the caller's
+        region ``asked`` (float64; the search ran on its cast to the network's dtype, which may be wider by
+        rounding), rounded inwards to the caller's ``dtype`` and re-run on the network there: the witness
+        check, with no tolerance."""
         for p, state in enumerate(search.state):
             if state == "found":
-                x = search.U_x[p].reshape(1, *net64.input_shape)
+                x = inside_in_dtype(asked, search.U_x[p].reshape(1, *net64.input_shape), dtype)
                 with torch.no_grad():
                     value = float((rows @ net64(x)[0]).min())
-                inside = bool(search.region.contains(x).all())
+                inside = bool(asked.contains(x, tol=0.0).all())
                 if value <= 0 and inside:   # the witness check
                     cex[b], cex_margin[b] = x[0], value
                     return "counterexample"

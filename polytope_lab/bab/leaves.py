@@ -31,15 +31,19 @@ def row_maximum(net, x: torch.Tensor, C: torch.Tensor, offset: torch.Tensor) -> 
 
 
 def attack(net, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, offset: torch.Tensor, steps: int = 50,
-           restarts: int = 4, seed: int = 0):
+           restarts: int = 4, seed: int = 0, starts=None):
     """Sign-gradient PGD on ``max_k (C_p,k f − offset_p,k)`` over the box [lo, hi] (one example, flat
-    (n0,)) for each problem p, from the centre and ``restarts − 1`` random starts, step shrinking
-    linearly: (values (P,), points (P, n0)), every value attained on ``net``."""
-    P, R = C.shape[0], max(1, int(restarts))
+    (n0,)) for each problem p, from the centre and ``restarts − 1`` random starts (or from ``starts``
+    (P, n0), one each), step shrinking linearly: (values (P,), points (P, n0)), every value attained on
+    ``net``."""
+    P, R = C.shape[0], 1 if starts is not None else max(1, int(restarts))
     Cr, offr = C.repeat_interleave(R, 0), offset.repeat_interleave(R, 0)
-    gen = torch.Generator().manual_seed(seed)
-    x = lo + torch.rand((P * R, lo.numel()), generator=gen, dtype=lo.dtype) * (hi - lo)
-    x[::R] = (lo + hi) / 2
+    if starts is not None:
+        x = starts.detach().clone()
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        x = lo + torch.rand((P * R, lo.numel()), generator=gen, dtype=lo.dtype) * (hi - lo)
+        x[::R] = (lo + hi) / 2
     best_v = torch.full((P * R,), math.inf, dtype=lo.dtype)
     best_x = x.clone()
     shape = net.input_shape

@@ -54,6 +54,8 @@ class Settings:
     root_steps: int = 30
     attack_steps: int = 50
     attack_restarts: int = 4
+    local_attack: int = 8
+    local_attack_steps: int = 20
     lr: float = 0.1
     lr_beta: float = 0.05
 
@@ -271,6 +273,20 @@ class Search:
         best, k = v.min(1)
         for i in torch.nonzero(best < self.U[[n.p for n in nodes]]).reshape(-1).tolist():
             self.offer(nodes[i].p, float(best[i]), x.reshape(N, K, -1)[i, k[i]])
+        self.local_attack(nodes, x.reshape(N, K, -1)[torch.arange(N), k], best, C, offset)
+
+    def local_attack(self, nodes, points, values, C, offset):
+        """PGD from the best relaxation minimisers of the batch (``local_attack`` of them, the lowest
+        objective first): a counterexample often lies near the corner of a subdomain whose relaxation
+        points at it, off the PGD paths from the box's centre and random starts (decide mode only)."""
+        m = min(self.s.local_attack, len(nodes))
+        if not (self.decide and m and self.s.local_attack_steps) or self.found or self.budget.expired:
+            return
+        pick = torch.argsort(values)[:m]
+        got, at = attack(self.net, self.lo, self.hi, C[pick], offset[pick], self.s.local_attack_steps,
+                         starts=points[pick])
+        for i, v, x in zip(pick.tolist(), got.tolist(), at):
+            self.offer(nodes[i].p, v, x)
 
     def relu_branch(self, out, bounds, signs) -> torch.Tensor:
         """Per subdomain, the flat index of the unit to split (−1: none unstable left, a leaf)."""
