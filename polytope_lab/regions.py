@@ -206,6 +206,17 @@ class Box(Region):
     def project(self, points):
         return torch.max(torch.min(points, self._hi), self._lo)
 
+    def representable_point(self, points: torch.Tensor, dtype) -> torch.Tensor:
+        """``points`` projected onto the box, then rounded to ``dtype`` values that still lie in it (one
+        step towards the inside where the nearest one falls outside: the edge x ± eps of a float32 ball is
+        often no float32 number), returned in the box's dtype. For reporting a witness in the caller's
+        precision that the box contains exactly."""
+        lo, hi = self.box()
+        y = self.project(points).to(dtype)
+        y = torch.where(y.to(lo.dtype) > hi, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
+        y = torch.where(y.to(lo.dtype) < lo, torch.nextafter(y, torch.full_like(y, math.inf)), y)
+        return y.to(lo.dtype)
+
     def __repr__(self):
         return f"Box(B={self.batch_size}, shape={self.input_shape}, max radius={self.eps.tolist()[:4]})"
 

@@ -9,7 +9,6 @@ from hypothesis import given, settings, strategies as st
 
 import polytope_lab as pl
 from polytope_lab.vnnlib import Case, Disjunct
-from polytope_lab.bab.bounder import inside_in_dtype
 
 from conftest import (make_convnet, make_mlp, make_resnet, n_examples, pgd_extremes, pretrained_path, random_inputs,
                       real_mnist_dir)
@@ -75,15 +74,17 @@ def test_certify_verdicts_equal_the_milp():
                 assert model(point).argmax(1).item() != b.y[i].item() or b.counterexample_margin[i] <= 0
 
 
+@pytest.mark.parametrize("backend", ["bab", "milp"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_a_counterexample_lies_in_the_asked_region_exactly(dtype):
+def test_a_counterexample_lies_in_the_asked_region_exactly(dtype, backend):
     """A float64 ball on a float32 net is searched in its (wider, outward-rounded) float32 cast; a float32
-    ball's edge x ± eps is not always a float32 number. Every reported counterexample still lies in the
-    ball asked for (its exact float64 box), with no tolerance, in the caller's dtype, and violates there."""
+    ball's edge x ± eps is not always a float32 number. Every reported counterexample (BaB's and the
+    MILP's) still lies in the ball asked for (its exact float64 box), with no tolerance, in the caller's
+    dtype, and violates there."""
     model = make_mlp([6, 30, 30, 3], seed=4).float()
     x = random_inputs((6,), batch=8, seed=4).to(dtype)
     region = pl.LinfBall(x, 0.47)
-    cert = _bab().certify(model, region)
+    cert = (_bab() if backend == "bab" else pl.Bounder.create("milp", threads=1)).certify(model, region)
     found = [i for i, s in enumerate(cert.status) if s == "counterexample"]
     assert found, "the test needs counterexamples"
     assert cert.counterexample.dtype == dtype
@@ -94,16 +95,16 @@ def test_a_counterexample_lies_in_the_asked_region_exactly(dtype):
         assert cert.counterexample_margin[i] <= 0
 
 
-def test_inside_in_dtype_rounds_towards_the_inside():
+def test_representable_point_rounds_towards_the_inside():
     """The edge x ± eps of a float32 ball is often not a float32 number: the nearest one can lie outside
-    (a witness off by half an ulp); ``inside_in_dtype`` takes the neighbour inside instead."""
+    (a witness off by half an ulp); ``Box.representable_point`` takes the neighbour inside instead."""
     x = torch.linspace(0.01, 0.99, 97, dtype=torch.float32).reshape(1, -1)
     region = pl.LinfBall(x, 0.1).to(dtype=torch.float64)
     lo, hi = region.box()
     corners = torch.cat([lo, hi])
     assert (corners.to(torch.float32).double() > hi).any() or (corners.to(torch.float32).double() < lo).any()
     for corner in corners:
-        y = inside_in_dtype(region, corner.reshape(1, -1), torch.float32)
+        y = region.representable_point(corner.reshape(1, -1), torch.float32)
         assert (y >= lo).all() and (y <= hi).all() and torch.equal(y, y.float().double())
 
 

@@ -33,16 +33,6 @@ def decide_offsets(values: torch.Tensor) -> torch.Tensor:
     return CERTIFY_TOL * values.abs().clamp(min=1.0)
 
 
-def inside_in_dtype(region: Box, x: torch.Tensor, dtype) -> torch.Tensor:
-    """``x`` projected onto ``region`` (float64), then rounded to a ``dtype`` value that still lies in it
-    (one step towards the inside where the nearest one falls outside), returned in float64."""
-    lo, hi = region.box()
-    y = region.project(x).to(dtype)
-    y = torch.where(y.double() > hi, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
-    y = torch.where(y.double() < lo, torch.nextafter(y, torch.full_like(y, math.inf)), y)
-    return y.double()
-
-
 def _progress(enabled: bool, desc: str):
     if not enabled:
         return None
@@ -182,7 +172,7 @@ class BaBBounder(Bounder):
         check, with no tolerance."""
         for p, state in enumerate(search.state):
             if state == "found":
-                x = inside_in_dtype(asked, search.U_x[p].reshape(1, *net64.input_shape), dtype)
+                x = asked.representable_point(search.U_x[p].reshape(1, *net64.input_shape), dtype)
                 with torch.no_grad():
                     value = float((rows @ net64(x)[0]).min())
                 inside = bool(asked.contains(x, tol=0.0).all())
