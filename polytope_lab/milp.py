@@ -402,8 +402,7 @@ class MILPBounder(Bounder):
         to optimality; a minimum margin within δ of 0 is "unknown".
         ``time_limit``: seconds per example, all rows together.
         """
-        asked = self.check_region(region).to(device="cpu", dtype=torch.float64)  # the caller's region, exactly
-        dt, dev = region.x.dtype, region.x.device                                # results in the caller's dtype
+        asked, dt, dev = self.check_region(region).to(device="cpu", dtype=torch.float64), region.x.dtype, region.x.device
         network, region = self.prepare(model, region)
         y = certified_labels(network, region, y)
         B, shape = region.batch_size, network.input_shape
@@ -421,27 +420,22 @@ class MILPBounder(Bounder):
         statuses, seconds = [], []
         for b in range(B):
             start = time.perf_counter()
-            statuses.append(self._certify_example(prob, b, trust_dual, Budget(self.time_limit), res,
-                                                  (asked.select([b]), dt)))
+            statuses.append(self._certify_example(prob, b, trust_dual, Budget(self.time_limit), res, (asked.select([b]), dt)))
             seconds.append(time.perf_counter() - start)
         res = {k: v.to(device=dev, dtype=dt) for k, v in res.items()}
         return Certification(statuses, res["margin"], res["counterexample"], res["counterexample_margin"], y,
                              seconds, method="milp")
 
-    def _certify_example(self, prob: ExactProblem, b: int, trust_dual: bool, budget: Budget, res: dict,
-                         asked) -> str:
-        """Example b's verdict; writes its margin bound and any counterexample into ``res``. ``asked``: (the
-        caller's region of example b in float64, the caller's dtype): a candidate is moved to a point of
-        that dtype inside that region (:meth:`~polytope_lab.regions.Box.representable_point`) before the
-        network checks it, so the reported counterexample is exactly in the region asked for."""
+    def _certify_example(self, prob: ExactProblem, b: int, trust_dual: bool, budget: Budget, res: dict, asked):
+        """Example b's verdict; writes its margin bound and any counterexample (first moved into ``asked``,
+        (the caller's float64 region, dtype), by :meth:`~polytope_lab.regions.Box.representable_point`)."""
         rows, shape = prob.C64[b], prob.net64.input_shape
         row_lower = prob.lower[b].clone()
         res["margin"][b] = float(row_lower.min())
         box, dtype = asked
 
         def refuted(point):
-            x = box.representable_point(torch.as_tensor(np.asarray(point)).reshape(1, *shape), dtype)
-            point = x.reshape(-1).numpy()
+            point = box.representable_point(torch.as_tensor(np.asarray(point)).reshape(1, *shape), dtype).reshape(-1).numpy()
             margin = float(self.value_at(prob, rows, point).min())
             if margin > 0:
                 return False
