@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from .bab.search import Settings
 from .bounds import Bounder, check_objective
 from .convert import as_network
 from .dual.bounder import FINAL_ALPHA_ONLY
@@ -110,7 +111,7 @@ def exact_agreement(results: dict, label: str, b: int, j: int, tol: float) -> li
 
 
 #: how far the bab backend's "optimal" may lie below the minimum (its default ``tolerance``)
-BAB_TOLERANCE = 1e-5
+BAB_TOLERANCE = Settings.tolerance
 
 
 def cross_check(model, region: Region, C=None, methods=None, exclude=(), tol: float = 1e-5, attack_steps: int = 50,

@@ -64,7 +64,7 @@ class BaBBounder(Bounder):
     subdomains_bounded = 0
 
     def __init__(self, time_limit=None, batch=256, branching="babsr", split="auto", max_memory=2 ** 30,
-                 progress=False, tolerance=1e-5, steps=4, root_steps=30, attack_steps=50, attack_restarts=4,
+                 progress=False, tolerance=Settings.tolerance, steps=4, root_steps=30, attack_steps=50, attack_restarts=4,
                  device=None):
         super().__init__(device=device)
         if time_limit is not None and not (float(time_limit) > 0):

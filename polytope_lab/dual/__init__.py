@@ -14,7 +14,9 @@ Modules, bottom up:
 - ``intermediate``: Algorithm 1, :func:`intermediate_bounds` (per layer the cheaper of advancing the
   forward frontier and backward rows that jump through it; ``strategy`` keeps the pure routes);
 - ``chunked``: the exact intermediate bounds in chunks of columns, over several devices;
-- ``alpha``: :func:`optimize_alpha`, projected gradient ascent on α;
+- ``alpha``: :func:`optimize_alpha`, projected gradient ascent on α (the final objective only);
+- ``unit_patches``: backward rows of conv units as receptive-field patches (α on the windows);
+- ``tight``: the intermediate slopes (fixed / adaptive / best) and tight mode's layer-by-layer ascent;
 - ``splits``: :func:`split_dual`, branch-and-bound subdomains: split multipliers β with α, batched;
 - ``bounder``: :class:`DualBounder`.
 Every route evaluates the same formula, so they agree to rounding.
