@@ -337,10 +337,11 @@ class MILPBounder(Bounder):
     # ---------------------------------------------------------------- a conjunction, jointly
 
     def find_point(self, model, region: Box, A, b, time_limit=None) -> PointSearch:
-        """Is there ``x'`` in ``region`` (one example) with ``A f(x') ≤ b`` in every row jointly? The MILP
-        minimises ``t ≥ A_k f − b_k`` (:meth:`Relaxation.add_row_maximum`), stopping as soon as the sign of
-        its minimum is decided, then to optimality; refuted only with a proven bound > :func:`decide_margin`. An incumbent counts only once the float64
-        network confirms it. ``time_limit``: seconds (None: the bounder's own); A (k ≥ 1, n_out), b (k,)."""
+        """Is there ``x'`` in ``region`` (one example) with ``A f(x') ≤ b`` in every row jointly? The MILP minimises ``t ≥ A_k f − b_k``
+        (:meth:`Relaxation.add_row_maximum`), stopping once the sign of its minimum is decided, then to optimality; refuted only with a proven
+        bound > :func:`decide_margin`. An incumbent, projected onto the caller's region (float64), counts only once the float64 network
+        confirms it. ``time_limit``: seconds (None: the bounder's own); A (k ≥ 1, n_out), b (k,)."""
+        asked = [t.reshape(-1).numpy() for t in self.check_region(region).to(device="cpu", dtype=torch.float64).box()]
         network, region = self.prepare(model, region)
         if region.batch_size != 1:
             raise ValueError(f"find_point takes a region of one example, got {region.batch_size}")
@@ -357,9 +358,8 @@ class MILPBounder(Bounder):
         system = prob.system(0, budget)
         t_lo, t_hi = widen(np.array([float(lower.max())]), np.array([float(upper.max())]))
         t = system.add_row_maximum(rows.numpy(), b64.numpy(), t_lo[0], t_hi[0])
-        cost = np.zeros(system.n_vars)
-        cost[t] = 1.0
-        solver, (lo, hi) = self.adapter(system), prob.box(0)
+        cost = np.eye(1, system.n_vars, t).reshape(-1)                                # minimise t
+        solver, (lo, hi) = self.adapter(system), asked
         last = dict(point=None, value=math.nan)   # the latest incumbent that failed the network's check
         for early in (True, False):
             if budget.expired:

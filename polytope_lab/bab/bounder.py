@@ -206,6 +206,7 @@ class BaBBounder(Bounder):
         which leaves the maximum unchanged). The search stops at the first point found; a disjunct not
         decided by then is "unknown" (the property is decided by that point). One :class:`PointSearch`
         per disjunct."""
+        asked = self.check_region(region).to(device="cpu", dtype=torch.float64)  # the caller's region, exactly
         network, region = self.prepare(model, region)
         if region.batch_size != 1:
             raise ValueError(f"find_point takes a region of one example, got {region.batch_size}")
@@ -217,7 +218,7 @@ class BaBBounder(Bounder):
         centres = reg64.project(reg64.x).expand(len(C), *net64.input_shape)
         delta = decide_offsets(row_maximum(net64, centres, C, offset))
         search = self._search(net64, reg64, C, offset + delta[:, None], True, Budget(limit), "bab find_point")
-        return [self._point_result(search, net64, reg64, p, offset[p:p + 1], float(delta[p])) for p in range(len(C))]
+        return [self._point_result(search, net64, asked, p, offset[p:p + 1], float(delta[p])) for p in range(len(C))]
 
     @staticmethod
     def stacked(net64, reg64, disjuncts) -> tuple:
@@ -237,15 +238,16 @@ class BaBBounder(Bounder):
         return C, offset
 
     @staticmethod
-    def _point_result(search: Search, net64, reg64, p: int, offset: torch.Tensor, delta: float) -> PointSearch:
-        """Problem p's answer (searched with its offset raised by δ); a found point is re-run on the network
-        against the original offset (the witness check): value ≤ 0 is "found", in (0, δ] "unknown"."""
+    def _point_result(search: Search, net64, asked, p: int, offset: torch.Tensor, delta: float) -> PointSearch:
+        """Problem p's answer (searched with its offset raised by δ); a found point, projected onto the
+        caller's region ``asked`` (float64), is re-run on the network against the original offset (the
+        witness check, no tolerance): value ≤ 0 is "found", in (0, δ] "unknown"."""
         bound = float(search.lower()[p]) + delta
         C = search.C[p:p + 1]
         if search.state[p] == "found":
-            x = search.U_x[p]
+            x = asked.project(search.U_x[p].reshape(1, *net64.input_shape)).reshape(-1)
             value = float(row_maximum(net64, x.reshape(1, *net64.input_shape), C, offset)[0])
-            inside = bool(reg64.contains(x.reshape(1, *net64.input_shape)).all())
+            inside = bool(asked.contains(x.reshape(1, *net64.input_shape), tol=0.0).all())
             if value <= 0 and inside:
                 return PointSearch("found", bound, x.numpy().copy(), value)
             if inside:    # attained within δ above 0: the sign is not decided
