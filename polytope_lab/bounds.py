@@ -224,6 +224,11 @@ class Bounder:
                              f"it takes: {takes}")
         return region
 
+    def exact_region(self, region) -> Region:
+        """The caller's ``region``, checked, on the CPU in float64 (exact for float32 and float64 inputs): the
+        region a witness must lie in, whatever the network's dtype the search ran in."""
+        return self.check_region(region).to(device="cpu", dtype=torch.float64)
+
     def prepare(self, model, region):
         """(network, region in the network's dtype) after the contract's checks."""
         region = self.check_region(region)

@@ -341,7 +341,7 @@ class MILPBounder(Bounder):
         (:meth:`Relaxation.add_row_maximum`), stopping once the sign of its minimum is decided, then to optimality; refuted only with a proven
         bound > :func:`decide_margin`. An incumbent, projected onto the caller's region (float64), counts only once the float64 network
         confirms it. ``time_limit``: seconds (None: the bounder's own); A (k ≥ 1, n_out), b (k,)."""
-        asked = [t.reshape(-1).numpy() for t in self.check_region(region).to(device="cpu", dtype=torch.float64).box()]
+        asked = [t.reshape(-1).numpy() for t in self.exact_region(region).box()]
         network, region = self.prepare(model, region)
         if region.batch_size != 1:
             raise ValueError(f"find_point takes a region of one example, got {region.batch_size}")
@@ -402,7 +402,7 @@ class MILPBounder(Bounder):
         to optimality; a minimum margin within δ of 0 is "unknown".
         ``time_limit``: seconds per example, all rows together.
         """
-        asked, dt, dev = self.check_region(region).to(device="cpu", dtype=torch.float64), region.x.dtype, region.x.device
+        asked, dt, dev = self.exact_region(region), region.x.dtype, region.x.device
         network, region = self.prepare(model, region)
         y = certified_labels(network, region, y)
         B, shape = region.batch_size, network.input_shape

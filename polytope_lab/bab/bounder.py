@@ -134,7 +134,7 @@ class BaBBounder(Bounder):
         > δ + ``BOUND_TOL``, δ = :func:`decide_offsets` of its value at the centre; a point of the region
         with some margin ≤ 0 on the float64 network is a counterexample (and ends the example), one with a
         margin in (0, δ] makes it "unknown". "certified" only when every margin closed."""
-        asked = self.check_region(region).to(device="cpu", dtype=torch.float64)  # the caller's region, exactly
+        asked = self.exact_region(region)
         dt, dev = region.x.dtype, region.x.device                                # results in the caller's dtype
         network, region = self.prepare(model, region)
         y = certified_labels(network, region, y)
@@ -206,7 +206,7 @@ class BaBBounder(Bounder):
         which leaves the maximum unchanged). The search stops at the first point found; a disjunct not
         decided by then is "unknown" (the property is decided by that point). One :class:`PointSearch`
         per disjunct."""
-        asked = self.check_region(region).to(device="cpu", dtype=torch.float64)  # the caller's region, exactly
+        asked = self.exact_region(region)
         network, region = self.prepare(model, region)
         if region.batch_size != 1:
             raise ValueError(f"find_point takes a region of one example, got {region.batch_size}")

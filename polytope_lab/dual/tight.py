@@ -84,7 +84,7 @@ def ascend_alpha(objective, alpha: list, best: torch.Tensor, steps: int = 20, lr
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, decay)
     stalled = torch.zeros(best.shape, dtype=torch.int64, device=best.device)
     for step in range(steps + 1):
-        with torch.enable_grad():
+        with torch.enable_grad() if step < steps else torch.no_grad():   # the last iterate: its value only
             J = objective(alpha)
             grads = torch.autograd.grad(-J.sum(), alpha) if step < steps else None  # α only, not the model
         J = J.detach()
@@ -155,8 +155,8 @@ def bound_units(network: Network, region: Region, bounds: list, i: int, select: 
         if patches:
             rows = UnitPatches(network, region, bounds, i, order)
             with torch.no_grad():
-                start = rows.lower(rows.adaptive) if adaptive else better_start(rows.lower, rows.fixed, rows.adaptive)
-            J = start if adaptive else ascend_alpha(rows.lower, *start, steps, lr, decay, budget=budget)
+                first = rows.lower(rows.adaptive) if adaptive else better_start(rows.lower, rows.fixed, rows.adaptive)
+            J = first if adaptive else ascend_alpha(rows.lower, *first, steps, lr, decay, budget=budget)
         elif adaptive:
             rows = unit_rows(order, ok, shape, l.dtype)
             alpha = [adaptive_slopes(*lu).unsqueeze(1) for lu in bounds[:i]]          # shared by the rows
