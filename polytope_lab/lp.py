@@ -16,7 +16,7 @@ from .bounds import Bounder, Bounds, require_sound
 from .network import Network
 from .regions import L2Ball, Region
 from .relaxation import build
-from .solvers import Budget, CvxpyAdapter, cvxpy_solvers
+from .solvers import Budget, CvxpyAdapter, cvxpy_solvers, time_limit_seconds
 
 #: outcome statuses as per-row bound statuses: an inaccurate solve falls back to the sound bound ("ok")
 ROW_STATUS = {"optimal": "optimal", "inaccurate": "ok", "time_limit": "time_limit", "infeasible": "infeasible"}
@@ -73,12 +73,11 @@ class LPBounder(Bounder):
         if not (isinstance(intermediate, Bounder) or intermediate == "lp" or intermediate in Bounder.registry):
             raise ValueError(f"intermediate must be a Bounder, 'lp' or one of {Bounder.available()}, "
                              f"got {intermediate!r}")
-        if time_limit is not None and not float(time_limit) > 0:
-            raise ValueError(f"time_limit must be None or > 0 seconds, got {time_limit!r}")
+        time_limit = time_limit_seconds(time_limit)
         self.solver = None if solver is None else str(solver).upper()
         self.intermediate = intermediate
         self.solver_options = dict(solver_options or {})
-        self.time_limit = None if time_limit is None else float(time_limit)
+        self.time_limit = time_limit
 
     @property
     def lp_all(self) -> bool:

@@ -48,7 +48,7 @@ from .bounds import (Bounder, Bounds, Certification, certified_labels, certify_m
 from .network import Network
 from .regions import Box, LinfBall
 from .relaxation import MIP_ABS_GAP, SLACK_FACTOR, SOLVER_TOLERANCE, WITNESS_TOL, build, widen
-from .solvers import MILP_ADAPTERS, Budget, HighsAdapter, available_solvers, milp_adapter
+from .solvers import MILP_ADAPTERS, Budget, HighsAdapter, available_solvers, milp_adapter, time_limit_seconds
 
 SOLVERS = ("HIGHS", "CBC")
 #: a sign is decided only by a proven bound above ``DECIDE · max(1, scale)`` (:func:`decide_margin`): 10× the
@@ -207,8 +207,7 @@ class MILPBounder(Bounder):
                  abs_gap=MIP_ABS_GAP, heuristic_steps=20, device=None):
         super().__init__(device=device)
         self.solver = milp_adapter(solver).name
-        if time_limit is not None and not (float(time_limit) > 0):
-            raise ValueError(f"time_limit must be None or > 0 seconds, got {time_limit!r}")
+        time_limit = time_limit_seconds(time_limit)
         if threads is not None and int(threads) < 0:
             raise ValueError(f"threads must be None or >= 0, got {threads!r}")
         if isinstance(intermediate, str):
@@ -219,7 +218,7 @@ class MILPBounder(Bounder):
             raise ValueError(f"intermediate must be a Bounder instance or name, got {type(intermediate).__name__}")
         if int(heuristic_steps) < 0:
             raise ValueError(f"heuristic_steps must be >= 0, got {heuristic_steps!r}")
-        self.time_limit = None if time_limit is None else float(time_limit)
+        self.time_limit = time_limit
         self.threads = None if threads is None else int(threads)
         self.intermediate = intermediate
         self.rel_gap, self.abs_gap = float(rel_gap), float(abs_gap)

@@ -11,6 +11,7 @@ is never modified.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -23,7 +24,7 @@ from .sparse_conv import conv_matrix
 
 def numel(shape) -> int:
     """Number of entries of a tensor of ``shape`` (1 for ``()``)."""
-    return int(np.prod(shape)) if len(shape) else 1
+    return math.prod(int(s) for s in shape)
 
 
 class Affine(ABC):

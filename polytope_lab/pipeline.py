@@ -237,16 +237,20 @@ def _dual(run: _Run, optimized: bool):
         ds = [d for d in run.open(ci) if len(case.disjuncts[d].b)]
         if not ds:
             continue
-        if run.budget.expired or (optimized and run.budget.remaining() < _alpha_cost(run)):
+        if run.budget.expired or (optimized and run.budget.remaining() < _alpha_overhead(run)):
             return
         sub = Case(case.lo, case.hi, [case.disjuncts[d] for d in ds])
         C, offset, groups = case_objective(sub)
         try:
             start = time.perf_counter()
-            bounders = [Bounder.create("dual", alpha="optimized", steps=run.opt["alpha_steps"])] if optimized else \
-                [Bounder.create("interval"), Bounder.create("dual")]
+            if optimized:   # the ascents get what is left once the rest of the stage is paid for
+                ascent = max(run.budget.remaining() - _alpha_overhead(run), 1e-3)
+                bounders = [Bounder.create("dual", alpha="optimized", steps=run.opt["alpha_steps"], time_limit=ascent)]
+            else:
+                bounders = [Bounder.create("interval"), Bounder.create("dual")]
             bounds = [bd.bound(run.net, run.regions[ci], C) for bd in bounders]
-            run.dual_seconds = max(run.dual_seconds, time.perf_counter() - start)
+            if not optimized:
+                run.dual_seconds = max(run.dual_seconds, time.perf_counter() - start)
         except Exception as e:  # a failed bound loses the stage for this case, not the property
             run.errors.append(f"{stage} on case {ci}: {type(e).__name__}: {e}")
             continue
@@ -262,11 +266,12 @@ def _dual(run: _Run, optimized: bool):
                 run.note(ci, d, "open", best)
 
 
-def _alpha_cost(run: _Run) -> float:
-    """Expected seconds of an optimised-α bound: about ``alpha_steps`` fixed-α passes (+ the first use's
-    import)."""
+def _alpha_overhead(run: _Run) -> float:
+    """Seconds of an optimised-α bound outside its ascents' time limit: the best-slope bounds and the
+    ascents' starts (about two fixed-α passes per ReLU layer) and the first use's import. The ascents
+    themselves get the time that is left (the dual's ``time_limit``), so the stage ends by the deadline."""
     first = 0.0 if "torch._dynamo" in sys.modules else ALPHA_FIRST_USE_SECONDS
-    return run.opt["alpha_steps"] * run.dual_seconds + first
+    return 2 * run.net.n_relu_layers * run.dual_seconds + first
 
 
 def _exact(run: _Run):

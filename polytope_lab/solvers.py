@@ -369,6 +369,19 @@ class CvxpyAdapter(SolverAdapter):
             return "solver_error"
 
 
+def time_limit_seconds(time_limit):
+    """``time_limit`` as float seconds (None: no limit); a clear error unless it is None or a number > 0."""
+    if time_limit is None:
+        return None
+    try:
+        seconds = float(time_limit)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if isinstance(time_limit, bool) or not seconds > 0:
+        raise ValueError(f"time_limit must be None or > 0 seconds, got {time_limit!r}")
+    return seconds
+
+
 class Budget:
     """Seconds left of a per-example time limit (None: no limit), shared by that example's solves."""
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import polytope_lab as pl
 from polytope_lab.dual import intermediate_bounds, optimize_alpha
 from polytope_lab.dual.relu import adaptive_slopes
+from polytope_lab.interval import interval_step
 from polytope_lab.dual.tight import (ascend, optimized_bounds, optimized_layers, slope_bounds,
                                      start_alpha)
 
@@ -122,6 +123,58 @@ def test_adaptive_slope_and_start():
     assert (J[:, :2] >= fixed.lower - 1e-9).all() and (-J[:, 2:] <= fixed.upper + 1e-9).all()
 
 
+def crown_unit_bounds(weights, biases, x, eps, below):
+    """Reference CROWN (dense, every unit) for an MLP over the L∞ ball: (l, u) of pre-activation layer
+    len(below) given the bounds ``below`` of the layers under it, from an explicit backward pass with
+    the adaptive lower slope where the row's coefficient is ≥ 0 and the upper chord where it is < 0."""
+    i = len(below)
+    n = weights[i].shape[0]
+    out = []
+    for sign in (1.0, -1.0):
+        omega, J = sign * torch.eye(n, dtype=x.dtype), torch.zeros(n, dtype=x.dtype)
+        for m in range(i, 0, -1):
+            J = J + omega @ biases[m]
+            hat = omega @ weights[m]                                   # over relu(ẑ_{m-1})
+            l, u = below[m - 1]
+            on, off = l >= 0, u <= 0
+            unstable = ~on & ~off
+            chord = torch.where(unstable, u / torch.where(unstable, u - l, torch.ones_like(u)), on.to(x.dtype))
+            alpha = torch.where(unstable, (u >= -l).to(x.dtype), on.to(x.dtype))
+            slope = torch.where(hat >= 0, alpha, chord)
+            J = J + (torch.where((hat < 0) & unstable, hat, torch.zeros_like(hat)) * (-chord * l)).sum(1)
+            omega = hat * slope
+        J = J + omega @ biases[0]
+        hat = omega @ weights[0]
+        out.append(sign * (J + hat @ x - eps * hat.abs().sum(1)))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adaptive_is_crown_from_the_interval_step(seed):
+    """slopes="adaptive" is CROWN's chain with sparse rows: per layer, where the one interval step over the
+    adaptive bounds below leaves a unit unstable, its bound is the reference CROWN bound (every unit, dense)
+    intersected with that step; elsewhere it is the step itself."""
+    model = make_mlp([3, 12, 12, 12, 2], seed=seed)
+    x = random_inputs((3,), batch=1, seed=seed)
+    region = pl.LinfBall(x, 0.3)
+    network = pl.from_torch(model, (3,))
+    bounds = slope_bounds(network, region, intermediate_bounds(network, region), "adaptive")
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    weights, biases = [m.weight.detach() for m in linears], [m.bias.detach() for m in linears]
+    checked = 0
+    for i in range(1, len(bounds)):
+        step_l, step_u = interval_step(network, region, bounds, i)
+        crown_l, crown_u = crown_unit_bounds(weights, biases, x[0], 0.3, [(l[0], u[0]) for l, u in bounds[:i]])
+        want_l, want_u = torch.maximum(step_l[0], crown_l), torch.minimum(step_u[0], crown_u)
+        open_ = (step_l[0] < 0) & (step_u[0] > 0)
+        l, u = bounds[i][0][0], bounds[i][1][0]
+        torch.testing.assert_close(l[open_], want_l[open_], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(u[open_], want_u[open_], rtol=1e-10, atol=1e-10)
+        assert torch.equal(l[~open_], step_l[0][~open_]) and torch.equal(u[~open_], step_u[0][~open_])
+        checked += int(open_.sum())
+    assert checked > 0, "no unit needed a CROWN row: the test checks nothing"
+
+
 @pytest.mark.parametrize("steps", [1, 10])
 def test_optimized_never_looser_than_its_start(steps):
     model = make_convnet((1, 6, 6), channels=(3, 4), n_out=3, seed=3)
@@ -189,3 +242,22 @@ def test_tight_mode_sound_on_the_pretrained_convnet():
             assert (z >= l.reshape(z.shape) - 1e-6).all() and (z <= u.reshape(z.shape) + 1e-6).all()
     fixed = pl.Bounder.create("dual").bound(model, region, C)
     assert (tight.lower >= fixed.lower - 1e-9).all() and (tight.lower > fixed.lower + 1e-6).any()
+
+
+def test_time_limit_is_a_status_with_a_sound_bound():
+    """A time limit cuts the ascents: status "time_limit", and the bound is still sound (inside the exact
+    range) and never looser than the fixed dual; without a limit the status is "ok"; bad limits are refused."""
+    model = make_mlp([3, 16, 16, 16, 2], seed=5)
+    region = pl.LinfBall(random_inputs((3,), batch=3, seed=5), 0.3)
+    exact = pl.Bounder.create("milp", threads=1).bound(model, region)
+    fixed = pl.Bounder.create("dual").bound(model, region)
+    cut = pl.Bounder.create("dual", alpha="optimized", time_limit=1e-6).bound(model, region)
+    full = pl.Bounder.create("dual", alpha="optimized").bound(model, region)
+    assert cut.status == ["time_limit"] * 3 and full.status == ["ok"] * 3
+    for b in (cut, full):
+        assert (b.lower <= exact.lower + 1e-6).all() and (b.upper >= exact.upper - 1e-6).all()
+        assert (b.lower >= fixed.lower - TOL).all() and (b.upper <= fixed.upper + TOL).all()
+    assert float((full.upper - full.lower).sum()) < float((cut.upper - cut.lower).sum()), "the cut ascent did as much"
+    for bad in (0, -1.0, "soon", True, float("nan")):
+        with pytest.raises(ValueError, match="time_limit"):
+            pl.Bounder.create("dual", time_limit=bad)

@@ -8,7 +8,7 @@ import torch
 import polytope_lab as pl
 from conftest import make_mlp, make_resnet, random_inputs
 from polytope_lab.dual import intermediate_bounds
-from polytope_lab.interval import affine_boxes, interval_bounds
+from polytope_lab.interval import affine_boxes, interval_bounds, interval_step
 
 
 def test_one_layer_is_the_closed_form():
@@ -51,3 +51,26 @@ def test_box_contains_every_vertex_image():
     l1, u1 = b.intermediate[0]
     torch.testing.assert_close(first.min(0).values, l1[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(first.max(0).values, u1[0], rtol=0, atol=1e-12)
+
+
+def test_one_interval_step_over_the_interval_bounds_is_the_interval_bound():
+    """interval_step from the interval bounds below gives back affine_boxes' layer, skips included; from
+    tighter bounds below (the dual's, intersected with the boxes: the fixed-slope dual need not be inside
+    them) it is tighter and still contains every sampled pre-activation."""
+    for kind in ("mlp", "conv", "input-skip"):
+        model, shape = make_resnet(kind)
+        network = pl.from_torch(model, shape)
+        region = pl.LinfBall(random_inputs(shape, batch=2), 0.1)
+        boxes, dual = affine_boxes(network, region), intermediate_bounds(network, region)
+        points = region.center + 0.1 * (2 * torch.rand(64, *region.center.shape, dtype=region.center.dtype) - 1)
+        pre = network.pre_activations(points.reshape(-1, *shape))
+        for i in range(1, len(boxes)):
+            l, u = interval_step(network, region, boxes, i)
+            torch.testing.assert_close(l, boxes[i][0], rtol=0, atol=1e-12)
+            torch.testing.assert_close(u, boxes[i][1], rtol=0, atol=1e-12)
+            if i < len(dual):
+                both = [(torch.maximum(a, c), torch.minimum(b, d)) for (a, b), (c, d) in zip(dual, boxes)]
+                l, u = interval_step(network, region, both, i)
+                assert (l >= boxes[i][0] - 1e-12).all() and (u <= boxes[i][1] + 1e-12).all(), kind
+                z = pre[i].reshape(64, *l.shape)
+                assert (z >= l - 1e-9).all() and (z <= u + 1e-9).all(), f"{kind}: layer {i} not contained"

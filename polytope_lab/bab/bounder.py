@@ -20,7 +20,7 @@ from ..bounds import Bounder, Bounds, Certification, certified_labels, check_obj
 from ..milp import PointSearch
 from ..network import Network
 from ..regions import Box, LinfBall
-from ..solvers import Budget
+from ..solvers import Budget, time_limit_seconds
 
 
 #: certify/find_point decide a sign only above this · max(1, |value at the centre|) (the leaf LP's
@@ -67,8 +67,7 @@ class BaBBounder(Bounder):
                  progress=False, tolerance=Settings.tolerance, steps=4, root_steps=30, attack_steps=50, attack_restarts=4,
                  device=None):
         super().__init__(device=device)
-        if time_limit is not None and not (float(time_limit) > 0):
-            raise ValueError(f"time_limit must be None or > 0 seconds, got {time_limit!r}")
+        time_limit = time_limit_seconds(time_limit)
         if branching not in BRANCHING:
             raise ValueError(f"branching must be one of {BRANCHING}, got {branching!r}")
         if split not in SPLITS:
@@ -77,7 +76,7 @@ class BaBBounder(Bounder):
             raise ValueError("batch must be >= 2, max_memory and tolerance > 0")
         if int(steps) < 0 or int(root_steps) < 0 or int(attack_steps) < 0 or int(attack_restarts) < 1:
             raise ValueError("steps, root_steps, attack_steps must be >= 0 and attack_restarts >= 1")
-        self.time_limit = None if time_limit is None else float(time_limit)
+        self.time_limit = time_limit
         self.progress = bool(progress)
         self.settings = Settings(int(batch), branching, split, int(max_memory), float(tolerance), int(steps),
                                  int(root_steps), int(attack_steps), int(attack_restarts))

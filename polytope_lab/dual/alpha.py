@@ -8,12 +8,12 @@ from .backward import dual_objective, jump_frontier
 from .relu import relu_slopes
 
 
-def optimize_alpha(network, region, bounds, C, steps=20, lr=0.2, frontier=None):
+def optimize_alpha(network, region, bounds, C, steps=20, lr=0.2, frontier=None, budget=None):
     """Projected gradient ascent on α ∈ [0,1] (one α per objective row); returns the best J seen.
 
     Starts from the fixed choice α = u/(u−l); every iterate is a valid dual point, so every J is a
     sound lower bound and the best one is kept per row. With a ``frontier`` only the ReLU layers above
-    it are optimised (each step is then a short backward pass).
+    it are optimised (each step is then a short backward pass). ``budget`` (``.expired``) ends it early.
     """
     bounds = [(l.detach(), u.detach()) for l, u in bounds]
     m = C.shape[1]
@@ -28,7 +28,7 @@ def optimize_alpha(network, region, bounds, C, steps=20, lr=0.2, frontier=None):
         with torch.enable_grad():
             J, _ = dual_objective(network, region, bounds, C, alpha, frontier)
             best = J.detach() if best is None else torch.maximum(best, J.detach())
-            if step == steps or opt is None:
+            if step == steps or opt is None or (budget is not None and budget.expired):
                 break
             grads = torch.autograd.grad(-J.sum(), free)  # α only: never touches the model's .grad
         for a, g in zip(free, grads):

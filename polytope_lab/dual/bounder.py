@@ -13,6 +13,7 @@ from .projections import check_proj
 from .tight import SLOPES, ascend, optimized_bounds, optimized_layers, slope_bounds
 from ..bounds import Bounder, Bounds, EstimatedBounds
 from ..network import Network
+from ..solvers import Budget, time_limit_seconds
 
 #: options of the final-objective-only optimiser (α of the final objective over the fixed-slope
 #: intermediate bounds, 20 steps): the dual of the LP over the *same* bounds, so it never passes that LP
@@ -46,7 +47,10 @@ class DualBounder(Bounder):
     estimates (the tightened bounds are then labelled estimated too). ``device`` (default: where the region's ``x`` lives, so CPU
     unless you pass CUDA tensors or ``device="cuda"``; results come back on ``x``'s device);
     ``max_memory`` bytes per chunk of examples (chunking bounds peak memory, results are unchanged);
-    ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds. Results carry no gradient
+    ``strategy`` "auto" | "forward" | "backward" for the intermediate bounds. ``time_limit`` (None: none)
+    seconds per example for the ascents of alpha="optimized" (a call on B examples gets B × time_limit in
+    all): when it passes, every row keeps its best iterate so far (a sound bound) and the examples whose
+    chunk ran past it get status "time_limit" (the others "ok"). Results carry no gradient
     (the base class detaches them):
     use :func:`polytope_lab.robust_loss` or :func:`dual_objective` to differentiate through the bound.
 
@@ -73,7 +77,7 @@ class DualBounder(Bounder):
 
     def __init__(self, alpha="fixed", device=None, max_memory=2 ** 32, strategy="auto", steps=None, lr=None,
                  proj=None, seed=0, column_chunk=None, devices=None, slopes=None, optimize_intermediate=None,
-                 decay=None, intermediate_layers="auto", intermediate_steps=None):
+                 decay=None, intermediate_layers="auto", intermediate_steps=None, time_limit=None):
         if alpha not in ("fixed", "optimized"):
             raise ValueError(f"alpha must be 'fixed' or 'optimized', got {alpha!r}")
         tight = alpha == "optimized"
@@ -107,6 +111,7 @@ class DualBounder(Bounder):
         if check_proj(proj) is not None and column_chunk is not None:
             raise ValueError("proj (estimated bounds) and column_chunk (exact bounds) exclude each other")
         super().__init__(device=device)
+        self.time_limit = time_limit_seconds(time_limit)
         self.alpha, self.max_memory = alpha, max_memory
         self.strategy, self.steps, self.lr = strategy, steps, lr
         self.proj, self.seed, self.column_chunk, self.devices = proj, seed, column_chunk, devices
@@ -119,15 +124,16 @@ class DualBounder(Bounder):
         per_example = FLOAT_BYTES * widest * (network.input_size + sum(sizes))
         return max(1, min(batch, int(self.max_memory // max(per_example, 1))))
 
-    def _final(self, network, region, bounds, frontier, C):
-        """(lower, upper, intermediate bounds used) of C f(x') for one chunk of examples."""
+    def _final(self, network, region, bounds, frontier, C, budget=None):
+        """(lower, upper, intermediate bounds used) of C f(x') for one chunk of examples; ``budget`` ends
+        the ascents early."""
         m = C.shape[1]
         if self.alpha == "fixed" and self.slopes == "fixed":
             with torch.no_grad():
                 lo, up = dual_objective(network, region, bounds, C, frontier=frontier)
             return lo, up, bounds
         if self.final_only:
-            both = optimize_alpha(network, region, bounds, torch.cat([C, -C], 1), self.steps, self.lr)
+            both = optimize_alpha(network, region, bounds, torch.cat([C, -C], 1), self.steps, self.lr, budget=budget)
             return both[:, :m], -both[:, m:], bounds
         with torch.no_grad():
             lo0, up0 = dual_objective(network, region, bounds, C, frontier=frontier)  # the paper's bound
@@ -135,16 +141,17 @@ class DualBounder(Bounder):
         if self.optimize_intermediate:
             layers = optimized_layers(network, region, bounds, self.intermediate_layers)
             bounds = optimized_bounds(network, region, bounds, self.intermediate_steps, self.lr, self.decay,
-                                      self.max_memory, layers)
+                                      self.max_memory, layers, budget)
         steps = self.steps if self.alpha == "optimized" else 0   # 0: the better of fixed and adaptive α
         rows = torch.cat([C, -C], 1).reshape(C.shape[0], 2 * m, *network.affines[-1].out_shape)
-        both = ascend(network, region, bounds, rows, len(network.affines) - 1, steps, self.lr, self.decay)
+        both = ascend(network, region, bounds, rows, len(network.affines) - 1, steps, self.lr, self.decay, budget)
         return torch.maximum(both[:, :m], lo0), torch.minimum(-both[:, m:], up0), bounds
 
     def _bound(self, network, region, C):
         generator = None if self.proj is None or self.seed is None else torch.Generator().manual_seed(self.seed)
         step = self.chunk_size(network, region.batch_size)
-        lowers, uppers, layers, estimated = [], [], [], False
+        lowers, uppers, layers, statuses, estimated = [], [], [], [], False
+        budget = None if self.time_limit is None else Budget(self.time_limit * region.batch_size)
         for start in range(0, region.batch_size, step):
             idx = slice(start, start + step)
             sub = region.select(idx)
@@ -155,7 +162,8 @@ class DualBounder(Bounder):
                     bounds, frontier = intermediate_bounds(network, sub, self.strategy, return_frontier=True,
                                                            proj=self.proj, generator=generator)
             estimated = estimated or (frontier is not None and frontier.estimated)
-            lo, up, bounds = self._final(network, sub, bounds, frontier, C[idx])
+            lo, up, bounds = self._final(network, sub, bounds, frontier, C[idx], budget)
+            statuses += ["time_limit" if budget is not None and budget.expired else "ok"] * sub.batch_size
             lowers.append(lo.detach())
             uppers.append(up.detach())
             layers.append(bounds)
@@ -164,7 +172,7 @@ class DualBounder(Bounder):
         method = "dual" if self.alpha == "fixed" else "dual-optimized"
         result = EstimatedBounds if estimated else Bounds
         return result(torch.cat(lowers), torch.cat(uppers), intermediate,
-                      ["ok"] * region.batch_size, method=method + (f"-proj{self.proj}" if estimated else ""))
+                      statuses, method=method + (f"-proj{self.proj}" if estimated else ""))
 
 
 __all__ = ["DualBounder", "FINAL_ALPHA_ONLY"]

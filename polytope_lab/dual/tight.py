@@ -19,6 +19,7 @@ from .backward import backward
 from .intermediate import FLOAT_BYTES
 from .relu import adaptive_slopes, relu_slopes, unstable_units
 from .unit_patches import UnitPatches, patch_chain, patch_floats
+from ..interval import interval_step
 from ..network import Network
 from ..regions import Region
 
@@ -178,11 +179,14 @@ def unstable(l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def slope_bounds(network: Network, region: Region, fixed: list, slopes: str, max_memory: float = 2 ** 32) -> list:
     """Intermediate bounds with the chosen lower slopes, from Algorithm 1's fixed-slope bounds ``fixed``.
 
-    "fixed": ``fixed`` unchanged. "adaptive": CROWN's chain, layer by layer, every unit of layer i ≥ 1
-    bounded by rows ±e_j with the adaptive α over the adaptive bounds below (layer 0 does not depend on
-    slopes). "best": per layer, the units still unstable under the fixed bounds re-bounded with the
-    adaptive α over the best bounds below, and the elementwise best of both kept (both sound).
-    Cost: one backward pass of 2·(units) rows per layer i, through layers i … 1.
+    "fixed": ``fixed`` unchanged. "adaptive": CROWN's chain, layer by layer: each layer i ≥ 1 starts from
+    one interval step over the adaptive bounds below (:func:`~polytope_lab.interval.interval_step`), and
+    the units it leaves unstable are bounded by rows ±e_j with the adaptive α over those bounds, the
+    intersection kept (CROWN's sparse intermediate bounds, as auto_LiRPA computes them: a unit the
+    interval step proves stable needs no row). "best": the same from the intersection of the fixed bounds
+    and the interval step over the best bounds below (all are sound, so their intersection is). Layer 0
+    does not depend on slopes. Cost: one backward pass of 2·(units left unstable) rows per layer i,
+    through layers i … 1.
     """
     if slopes not in SLOPES:
         raise ValueError(f"slopes must be one of {SLOPES}, got {slopes!r}")
@@ -190,24 +194,19 @@ def slope_bounds(network: Network, region: Region, fixed: list, slopes: str, max
         return list(fixed)
     out = [fixed[0]] if fixed else []
     for i in range(1, len(fixed)):
-        l, u = fixed[i]
-        select = None if slopes == "adaptive" else unstable(l, u)
-        out.append(adaptive_layer(network, region, out, i, fixed[i], max_memory, select))
+        l, u = interval_step(network, region, out, i)
+        if slopes == "best":
+            l, u = torch.maximum(l, fixed[i][0]), torch.minimum(u, fixed[i][1])
+        out.append(adaptive_layer(network, region, out, i, (l, u), max_memory))
     return out
 
 
-def adaptive_layer(network: Network, region: Region, below: list, i: int, given, max_memory: float, select=None):
-    """(l, u) of layer i from rows ±e_j with the adaptive α over ``below``: of every unit (``select``
-    None), or of the units ``select`` (B, n) only, intersected with the sound bounds ``given``."""
-    l0, u0 = given
-    B = l0.shape[0]
-    if select is None:
-        select = torch.ones(B, l0[0].numel(), dtype=torch.bool, device=l0.device)
-        l, u = torch.full_like(l0, -float("inf")), torch.full_like(u0, float("inf"))
-    else:
-        l, u = l0, u0
+def adaptive_layer(network: Network, region: Region, below: list, i: int, given, max_memory: float):
+    """(l, u) of layer i: the sound bounds ``given`` with the units they leave unstable re-bounded by rows
+    ±e_j with the adaptive α over ``below``, the intersection kept."""
     with torch.no_grad():
-        return bound_units(network, region, below + [(l, u)], i, select, 0, 0.0, 1.0, max_memory, adaptive=True)
+        return bound_units(network, region, below + [given], i, unstable(*given), 0, 0.0, 1.0, max_memory,
+                           adaptive=True)
 
 
 def optimized_layers(network: Network, region: Region, bounds: list, layers="auto") -> list:
@@ -233,7 +232,7 @@ def optimized_layers(network: Network, region: Region, bounds: list, layers="aut
 
 
 def optimized_bounds(network: Network, region: Region, bounds: list, steps: int = 20, lr: float = 0.5,
-                     decay: float = 0.98, max_memory: float = 2 ** 32, layers=None) -> list:
+                     decay: float = 0.98, max_memory: float = 2 ** 32, layers=None, budget=None) -> list:
     """Intermediate bounds tightened layer by layer by optimised α: for each ReLU layer i ≥ 1 (or those in
     ``layers``, e.g. from :func:`optimized_layers`), bottom up, the rows ±e_j of its unstable units (per example, padded to the batch maximum
     q_i) maximised by :func:`ascend` over the already tightened layers below; the elementwise best of old
@@ -242,7 +241,8 @@ def optimized_bounds(network: Network, region: Region, bounds: list, steps: int 
     Memory per layer i: about ``WORK_FACTOR · 4 · B · 2q_i · r_i`` bytes (r_i = :func:`row_floats`: the rows'
     receptive-field patches below a conv chain, else ``Σ_{j<i} n_j``), chunked over units to stay under
     ``max_memory`` and ``WORKING_FLOATS`` per tensor; time per layer: ``steps`` (or fewer, early stop) forward+backward passes of
-    2q_i rows through layers 1 … i.
+    2q_i rows through layers 1 … i. ``budget`` (``.expired``) ends the ascent early: the units and layers
+    not reached keep their bounds.
     """
     out = list(bounds)
     for i in range(1, len(out)):
@@ -250,7 +250,7 @@ def optimized_bounds(network: Network, region: Region, bounds: list, steps: int 
             continue
         mask = unstable(*out[i])
         if mask.any():
-            out[i] = bound_units(network, region, out, i, mask, steps, lr, decay, max_memory)
+            out[i] = bound_units(network, region, out, i, mask, steps, lr, decay, max_memory, budget=budget)
     return out
 
 
