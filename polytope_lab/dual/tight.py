@@ -35,22 +35,28 @@ def per_row(slopes: torch.Tensor, m: int) -> torch.Tensor:
     return slopes.unsqueeze(1).expand(slopes.shape[0], m, *slopes.shape[1:])
 
 
-def better_start(objective, fixed: list, adaptive: list):
-    """The better of two α lists per row: (α, J (B, m) at that α), for ``objective`` (α list → J (B, m));
-    α tensors are (B, m, …). Both are sound; so is their per-row maximum."""
-    J0, J1 = objective(fixed), objective(adaptive)
+def pick_better(fixed: list, adaptive: list, J0: torch.Tensor, J1: torch.Tensor):
+    """Per row the better of two α lists, given their bounds J0 and J1 (B, m): (α, max(J0, J1)); α tensors
+    are (B, m, …). Both are sound; so is their per-row maximum."""
     pick = J1 > J0
     alpha = [torch.where(pick.reshape(*pick.shape, *([1] * (a.dim() - 2))), b, a) for a, b in zip(fixed, adaptive)]
     return alpha, torch.maximum(J0, J1)
 
 
+def better_start(objective, fixed: list, adaptive: list):
+    """:func:`pick_better` for ``objective`` (α list → J (B, m))."""
+    return pick_better(fixed, adaptive, objective(fixed), objective(adaptive))
+
+
 def start_alpha(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int):
     """The better of the fixed and the adaptive α per row: (α per ReLU layer below ``top`` (B, m, *shape),
-    J (B, m) at that α)."""
+    J (B, m) at that α). Both are evaluated in one backward pass of the rows twice over."""
     m = rows.shape[1]
     fixed = [per_row(relu_slopes(l, u)[0], m) for l, u in bounds[:top]]
     adaptive = [per_row(adaptive_slopes(l, u), m) for l, u in bounds[:top]]
-    return better_start(lambda alpha: backward(network, region, bounds, rows, top, alpha)[0], fixed, adaptive)
+    both = [torch.cat([f, a], 1) for f, a in zip(fixed, adaptive)]
+    J = backward(network, region, bounds, torch.cat([rows, rows], 1), top, both)[0]
+    return pick_better(fixed, adaptive, J[:, :m], J[:, m:])
 
 
 def ascend(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, steps: int = 20,
@@ -254,5 +260,5 @@ def optimized_bounds(network: Network, region: Region, bounds: list, steps: int 
     return out
 
 
-__all__ = ["SLOPES", "per_row", "start_alpha", "better_start", "ascend", "ascend_alpha", "row_floats", "unit_rows", "bound_units",
+__all__ = ["SLOPES", "per_row", "start_alpha", "pick_better", "better_start", "ascend", "ascend_alpha", "row_floats", "unit_rows", "bound_units",
            "slope_bounds", "adaptive_layer", "optimized_layers", "optimized_bounds", "row_chunk", "AUTO_WORK", "TIGHT_DECAY", "unstable"]
