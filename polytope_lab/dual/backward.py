@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .columns import basis
-from .relu import lower_slope_step, relu_slopes, relu_terms
+from .relu import lower_slope_terms, relu_slopes, relu_terms
 from ..network import Network
 from ..regions import Region
 
@@ -27,10 +27,10 @@ def _affine_step(network: Network, i: int, omega: torch.Tensor, J: torch.Tensor,
     """
     B, m = omega.shape[:2]
     A = network.affines[i]
-    J = J + (omega.reshape(B, m, -1) * A.bias().reshape(1, 1, -1)).sum(-1)          # ν_{i+1}ᵀ b_i
+    J = J + torch.matmul(omega.reshape(B, m, -1), A.bias().reshape(-1))              # ν_{i+1}ᵀ b_i
     omega_hat = A.transpose(omega.reshape(B * m, *A.out_shape)).reshape(B, m, *A.in_shape)
     for j, S in network.skips_into(i):
-        J = J + (omega.reshape(B, m, -1) * S.bias().reshape(1, 1, -1)).sum(-1)
+        J = J + torch.matmul(omega.reshape(B, m, -1), S.bias().reshape(-1))
         back = S.transpose(omega.reshape(B * m, *S.out_shape)).reshape(B, m, -1)
         incoming[j] = back if j not in incoming else incoming[j] + back
     if i in incoming:                                                           # ν̂_i += Σ_{i'} S_{i'i}ᵀ ν_{i'+1}
@@ -40,7 +40,8 @@ def _affine_step(network: Network, i: int, omega: torch.Tensor, J: torch.Tensor,
 
 def _relu_step(l: torch.Tensor, u: torch.Tensor, omega_hat: torch.Tensor, alpha=None):
     """Through a ReLU layer with bounds l, u (B, *shape): ``ν_i`` from ``ν̂_i`` (eq. 22, in ω) and its
-    terms ``Σ_{j∈I} l_j [ν_j]₊`` for the rows and the negated rows, returns (ω_i, lo, up).
+    terms ``Σ_{j∈I} l_j [ν_j]₊`` for the rows and the negated rows, returns (ω_i, lo, up) (up None with
+    an explicit alpha: the negated rows would need their own slopes).
 
     alpha: None for the fixed choice α = u/(u−l) (``ν_i = D_i ν̂_i``, eq. 26), else (B, m, *shape), or
     (B, 1, *shape) for one α shared by the rows."""
@@ -51,14 +52,15 @@ def _relu_step(l: torch.Tensor, u: torch.Tensor, omega_hat: torch.Tensor, alpha=
     d, unstable = (t.reshape(B, 1, *shape) for t in (d, unstable))              # (B, 1, *shape_i)
     if alpha is None:
         omega = d * omega_hat
-    else:  # ω = α[ω̂]₊ − u/(u−l)[ω̂]₋ on I, d ω̂ elsewhere
-        omega = lower_slope_step(omega_hat, alpha.reshape(B, -1, *shape), d, unstable)  # α per row, or (B, 1, …) shared
-    lo, up = relu_terms(omega.reshape(B, m, -1), lI)
-    return omega, lo, up
+        lo, up = relu_terms(omega.reshape(B, m, -1), lI)
+        return omega, lo, up
+    # ω = α[ω̂]₊ − u/(u−l)[ω̂]₋ on I, d ω̂ elsewhere; α per row, or (B, 1, …) shared
+    omega, lo = lower_slope_terms(omega_hat, alpha.reshape(B, -1, *shape), d, unstable, lI)
+    return omega, lo, None
 
 
-def backward(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, alpha=None,
-             frontier=None, splits=None, record=None):
+def backward(network: Network, region: Region, bounds: list, rows, top: int, alpha=None,
+             frontier=None, splits=None, record=None, first=None):
     """Bounds on ``rowsᵀ ẑ`` at the output of affine ``top`` from the dual network (eqs. 22–23).
 
     rows: (B, m, *out_shape of affine top). bounds: (l, u) of the ReLU layers below ``top``. alpha:
@@ -72,20 +74,30 @@ def backward(network: Network, region: Region, bounds: list, rows: torch.Tensor,
     the split constraints ``s ẑ ≥ 0`` adds ``−β∘s`` to ω on those pre-activations (``+β∘s`` to ν) before
     ``ν̂ = Wᵀν``; lower bound only, no frontier. record: a list that receives ω̂_i of every affine i passed
     (top first, ω̂_1 on the input last), for branching scores and relaxation minimisers.
+
+    first: (J, ω̂) (B, m), (B, m, *in_shape of affine top) of rows whose step through affine ``top`` is
+    already taken (unit rows gather it, :func:`~.tight.unit_start`); ``rows`` is then None, and affine
+    ``top`` must have no skip terms.
     """
-    B, m = rows.shape[:2]
+    if first is not None and network.skips_into(top):
+        raise ValueError("first: affine top has skip terms, which need the rows")
+    B, m = (rows if first is None else first[1]).shape[:2]
     if splits is not None and (alpha is None or frontier is not None):
         raise ValueError("splits need an explicit alpha (lower bound only) and no frontier")
     if frontier is not None and frontier.layer == 0:
         frontier = None  # A_1's own transpose is cheaper than its dense columns
     stop = -1 if frontier is None else frontier.layer
     omega = rows  # ω = c = −ν at the top                                   # (B, m, *shape_top)
-    J = rows.new_zeros(B, m)        # linear part: Σ ω_{i+1}ᵀ b_i (+ ω̂_1ᵀ x below)
-    relu_lo = rows.new_zeros(B, m)  # Σ_{j∈I} l_j [ν_j]_+ for c
-    relu_up = rows.new_zeros(B, m)  # the same for −c (fixed α only)
+    ref = rows if first is None else first[1]
+    J = ref.new_zeros(B, m)        # linear part: Σ ω_{i+1}ᵀ b_i (+ ω̂_1ᵀ x below)
+    relu_lo = ref.new_zeros(B, m)  # Σ_{j∈I} l_j [ν_j]_+ for c
+    relu_up = ref.new_zeros(B, m)  # the same for −c (fixed α only)
     incoming = {}
     for i in range(top, stop, -1):
-        J, omega_hat = _affine_step(network, i, omega, J, incoming)
+        if first is not None and i == top:
+            J, omega_hat = first
+        else:
+            J, omega_hat = _affine_step(network, i, omega, J, incoming)
         if record is not None:
             record.append(omega_hat)
         if i == 0:

@@ -8,7 +8,7 @@ import torch
 from .alpha import optimize_alpha
 from .backward import dual_objective
 from .chunked import column_chunked_bounds
-from .intermediate import FLOAT_BYTES, intermediate_bounds
+from .intermediate import FLOAT_BYTES, first_layer_bounds, intermediate_bounds
 from .projections import check_proj
 from .tight import SLOPES, ascend, optimized_bounds, optimized_layers, slope_bounds
 from ..bounds import Bounder, Bounds, EstimatedBounds
@@ -41,7 +41,9 @@ class DualBounder(Bounder):
     (lr factor per step), early stop; alpha="optimized", slopes="fixed", optimize_intermediate=False is the
     final-objective-only optimiser over the paper's intermediate bounds (20 steps, lr 0.2, no decay), whose bound
     never passes the LP over those bounds. Whenever the slopes are not "fixed" the final objective is the
-    per-row best of fixed and adaptive α (optimised from there) and never looser than the fixed-α dual;
+    per-row best of fixed and adaptive α (optimised from there); with "best" also never looser than the
+    fixed-α dual, while "adaptive" is CROWN's chain alone (no fixed-slope chain is computed, so it takes
+    neither ``proj`` nor ``column_chunk``, and a row may come out looser than the fixed dual's);
     ``Bounds.intermediate`` holds the intermediate bounds used. Every choice is sound for every region
     and for skip connections (the rows are pushed back through the skips); ``proj`` estimates stay
     estimates (the tightened bounds are then labelled estimated too). ``device`` (default: where the region's ``x`` lives, so CPU
@@ -110,6 +112,9 @@ class DualBounder(Bounder):
             raise ValueError("devices must be a non-empty list of devices, used with column_chunk")
         if check_proj(proj) is not None and column_chunk is not None:
             raise ValueError("proj (estimated bounds) and column_chunk (exact bounds) exclude each other")
+        if slopes == "adaptive" and (proj is not None or column_chunk is not None):
+            raise ValueError("proj and column_chunk act on the fixed-slope chain, which slopes='adaptive' "
+                             "does not compute (its rows are chunked under max_memory)")
         super().__init__(device=device)
         self.time_limit = time_limit_seconds(time_limit)
         self.alpha, self.max_memory = alpha, max_memory
@@ -135,8 +140,10 @@ class DualBounder(Bounder):
         if self.final_only:
             both = optimize_alpha(network, region, bounds, torch.cat([C, -C], 1), self.steps, self.lr, budget=budget)
             return both[:, :m], -both[:, m:], bounds
+        crown = self.slopes == "adaptive"   # CROWN's chain alone: no fixed-slope bound to intersect
         with torch.no_grad():
-            lo0, up0 = dual_objective(network, region, bounds, C, frontier=frontier)  # the paper's bound
+            if not crown:
+                lo0, up0 = dual_objective(network, region, bounds, C, frontier=frontier)  # the paper's bound
             bounds = slope_bounds(network, region, bounds, self.slopes, self.max_memory)
         if self.optimize_intermediate:
             layers = optimized_layers(network, region, bounds, self.intermediate_layers)
@@ -145,6 +152,8 @@ class DualBounder(Bounder):
         steps = self.steps if self.alpha == "optimized" else 0   # 0: the better of fixed and adaptive α
         rows = torch.cat([C, -C], 1).reshape(C.shape[0], 2 * m, *network.affines[-1].out_shape)
         both = ascend(network, region, bounds, rows, len(network.affines) - 1, steps, self.lr, self.decay, budget)
+        if crown:
+            return both[:, :m], -both[:, m:], bounds
         return torch.maximum(both[:, :m], lo0), torch.minimum(-both[:, m:], up0), bounds
 
     def _bound(self, network, region, C):
@@ -156,7 +165,9 @@ class DualBounder(Bounder):
             idx = slice(start, start + step)
             sub = region.select(idx)
             with torch.no_grad():
-                if self.column_chunk is not None:
+                if self.slopes == "adaptive":
+                    bounds, frontier = first_layer_bounds(network, sub), None
+                elif self.column_chunk is not None:
                     bounds, frontier = column_chunked_bounds(network, sub, self.column_chunk, self.devices), None
                 else:
                     bounds, frontier = intermediate_bounds(network, sub, self.strategy, return_frontier=True,

@@ -71,6 +71,17 @@ def intermediate_bounds(network: Network, region: Region, strategy: str = "auto"
     return (bounds, frontier) if return_frontier else bounds
 
 
+def first_layer_bounds(network: Network, region: Region) -> list:
+    """[(l, u)] of layer 0's pre-activations (an affine map of the region: exact, whatever the slopes),
+    each (B, *shape), from the first frontier (A_1's columns, shared by the batch); [] without ReLU
+    layers. All that CROWN's chain (:func:`~.tight.slope_bounds`, "adaptive") takes from Algorithm 1."""
+    if network.n_relu_layers == 0:
+        return []
+    l, u = (SkipFrontier if network.has_skips else Frontier)(network, region).bounds()
+    shape = network.affines[0].out_shape
+    return [(l.reshape(-1, *shape), u.reshape(-1, *shape))]
+
+
 def _skip_bounds(network: Network, region: Region, strategy: str, proj=None, generator=None):
     """(bounds, frontier) of a network with skip connections: forward columns through every skip
     (:class:`~.skips.SkipFrontier`; "forward", and "auto" while its columns at every layer would take at
@@ -93,4 +104,4 @@ def _skip_bounds(network: Network, region: Region, strategy: str, proj=None, gen
     return bounds, frontier
 
 
-__all__ = ["intermediate_bounds", "FLOAT_BYTES", "SKIP_FORWARD_BYTES", "STRATEGIES"]
+__all__ = ["intermediate_bounds", "first_layer_bounds", "FLOAT_BYTES", "SKIP_FORWARD_BYTES", "STRATEGIES"]

@@ -20,7 +20,7 @@ from .intermediate import FLOAT_BYTES
 from .relu import adaptive_slopes, relu_slopes, unstable_units
 from .unit_patches import UnitPatches, patch_chain, patch_floats
 from ..interval import interval_step
-from ..network import Network
+from ..network import LinearOp, Network
 from ..regions import Region
 
 SLOPES = ("fixed", "adaptive", "best")
@@ -48,30 +48,34 @@ def better_start(objective, fixed: list, adaptive: list):
     return pick_better(fixed, adaptive, objective(fixed), objective(adaptive))
 
 
-def start_alpha(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int):
+def start_alpha(network: Network, region: Region, bounds: list, rows, top: int, first=None):
     """The better of the fixed and the adaptive α per row: (α per ReLU layer below ``top`` (B, m, *shape),
-    J (B, m) at that α). Both are evaluated in one backward pass of the rows twice over."""
-    m = rows.shape[1]
+    J (B, m) at that α). Both are evaluated in one backward pass of the rows twice over. ``first``: the
+    rows' step through affine ``top`` already taken (:func:`unit_start`; ``rows`` None)."""
+    m = (rows if first is None else first[1]).shape[1]
     fixed = [per_row(relu_slopes(l, u)[0], m) for l, u in bounds[:top]]
     adaptive = [per_row(adaptive_slopes(l, u), m) for l, u in bounds[:top]]
     both = [torch.cat([f, a], 1) for f, a in zip(fixed, adaptive)]
-    J = backward(network, region, bounds, torch.cat([rows, rows], 1), top, both)[0]
+    twice = None if first is None else tuple(torch.cat([t, t], 1) for t in first)
+    J = backward(network, region, bounds, None if rows is None else torch.cat([rows, rows], 1), top, both,
+                 first=twice)[0]
     return pick_better(fixed, adaptive, J[:, :m], J[:, m:])
 
 
-def ascend(network: Network, region: Region, bounds: list, rows: torch.Tensor, top: int, steps: int = 20,
-           lr: float = 0.5, decay: float = 0.98, budget=None) -> torch.Tensor:
-    """Sound lower bounds (B, m) of ``rowsᵀ ẑ`` at the output of affine ``top``, rows (B, m, *out_shape),
-    maximised over α ∈ [0, 1] (one α per row and ReLU layer below ``top``) by :func:`ascend_alpha` from
+def ascend(network: Network, region: Region, bounds: list, rows, top: int, steps: int = 20,
+           lr: float = 0.5, decay: float = 0.98, budget=None, first=None) -> torch.Tensor:
+    """Sound lower bounds (B, m) of ``rowsᵀ ẑ`` at the output of affine ``top``, rows (B, m, *out_shape)
+    (or None with ``first``, their step through affine ``top``: :func:`unit_start`), maximised over
+    α ∈ [0, 1] (one α per row and ReLU layer below ``top``) by :func:`ascend_alpha` from
     :func:`start_alpha`. Memory: about ``WORK_FACTOR`` tensors of B·m·n_j floats per layer j below ``top``;
     time per step: a backward pass of the m rows and its gradient (about 3 backward passes)."""
     bounds = [(l.detach(), u.detach()) for l, u in bounds[:top]]
     with torch.no_grad():
-        alpha, best = start_alpha(network, region, bounds, rows, top)
+        alpha, best = start_alpha(network, region, bounds, rows, top, first)
     if not bounds:
         return best
-    return ascend_alpha(lambda a: backward(network, region, bounds, rows, top, a)[0], alpha, best, steps, lr, decay,
-                        budget=budget)
+    return ascend_alpha(lambda a: backward(network, region, bounds, rows, top, a, first=first)[0], alpha, best,
+                        steps, lr, decay, budget=budget)
 
 
 def ascend_alpha(objective, alpha: list, best: torch.Tensor, steps: int = 20, lr: float = 0.5,
@@ -140,6 +144,26 @@ def unit_rows(order: torch.Tensor, valid: torch.Tensor, shape, dtype) -> torch.T
     return torch.cat([E, -E], 1).reshape(B, 2 * q, *shape)
 
 
+def unit_transpose(A, order: torch.Tensor) -> torch.Tensor:
+    """``Aᵀ e_j`` for the output units ``order`` (B, q): (B, q, *in_shape). A dense layer's rows of W are
+    gathered; any other layer transposes the one-hot rows."""
+    if isinstance(A, LinearOp):
+        return A.weight[order].reshape(*order.shape, *A.in_shape)
+    rows = torch.nn.functional.one_hot(order.reshape(-1), A.out_features).to(A.bias().dtype)
+    return A.transpose(rows.reshape(-1, *A.out_shape)).reshape(*order.shape, *A.in_shape)
+
+
+def unit_start(network: Network, i: int, order: torch.Tensor, valid: torch.Tensor):
+    """(J, ω̂) of the rows ``+e_q`` then ``−e_q`` (q in ``order`` (B, q); 0 rows where not ``valid``) after
+    their step through affine i: ``±b_q`` (B, 2q) and ``±W_iᵀ e_q`` (B, 2q, *in_shape), gathered rather than
+    multiplied (:func:`~.backward.backward`'s ``first``; the step costs a product of the whole layer)."""
+    A = network.affines[i]
+    keep = valid.to(A.bias().dtype)
+    b = A.bias().reshape(-1)[order] * keep
+    w = unit_transpose(A, order) * keep.reshape(*keep.shape, *([1] * len(A.in_shape)))
+    return torch.cat([b, -b], 1), torch.cat([w, -w], 1)
+
+
 def bound_units(network: Network, region: Region, bounds: list, i: int, select: torch.Tensor, steps: int,
                 lr: float, decay: float, max_memory: float, adaptive: bool = False, budget=None):
     """(l, u) of layer i (B, *shape) with the units ``select`` (B, n) re-bounded by :func:`ascend` (``steps``
@@ -164,12 +188,15 @@ def bound_units(network: Network, region: Region, bounds: list, i: int, select: 
             with torch.no_grad():
                 first = rows.lower(rows.adaptive) if adaptive else better_start(rows.lower, rows.fixed, rows.adaptive)
             J = first if adaptive else ascend_alpha(rows.lower, *first, steps, lr, decay, budget=budget)
-        elif adaptive:
-            rows = unit_rows(order, ok, shape, l.dtype)
-            alpha = [adaptive_slopes(*lu).unsqueeze(1) for lu in bounds[:i]]          # shared by the rows
-            J = backward(network, region, bounds, rows, i, alpha)[0]
         else:
-            J = ascend(network, region, bounds, unit_rows(order, ok, shape, l.dtype), i, steps, lr, decay, budget)
+            gather = not network.skips_into(i)   # skip terms need the rows themselves
+            rows = None if gather else unit_rows(order, ok, shape, l.dtype)
+            first = unit_start(network, i, order, ok) if gather else None
+            if adaptive:
+                alpha = [adaptive_slopes(*lu).unsqueeze(1) for lu in bounds[:i]]          # shared by the rows
+                J = backward(network, region, bounds, rows, i, alpha, first=first)[0]
+            else:
+                J = ascend(network, region, bounds, rows, i, steps, lr, decay, budget, first=first)
         c = order.shape[1]
         lo, up = J[:, :c], -J[:, c:]
         l.scatter_(1, order, torch.where(ok, torch.maximum(l.gather(1, order), lo), l.gather(1, order)))
@@ -191,15 +218,15 @@ def slope_bounds(network: Network, region: Region, fixed: list, slopes: str, max
     intersection kept (CROWN's sparse intermediate bounds, as auto_LiRPA computes them: a unit the
     interval step proves stable needs no row). "best": the same from the intersection of the fixed bounds
     and the interval step over the best bounds below (all are sound, so their intersection is). Layer 0
-    does not depend on slopes. Cost: one backward pass of 2·(units left unstable) rows per layer i,
-    through layers i … 1.
+    does not depend on slopes: "adaptive" reads only ``fixed[0]`` (:func:`~.intermediate.first_layer_bounds`
+    is enough). Cost: one backward pass of 2·(units left unstable) rows per layer i, through layers i … 1.
     """
     if slopes not in SLOPES:
         raise ValueError(f"slopes must be one of {SLOPES}, got {slopes!r}")
     if slopes == "fixed":
         return list(fixed)
-    out = [fixed[0]] if fixed else []
-    for i in range(1, len(fixed)):
+    out = list(fixed[:1])
+    for i in range(1, network.n_relu_layers):
         l, u = interval_step(network, region, out, i)
         if slopes == "best":
             l, u = torch.maximum(l, fixed[i][0]), torch.minimum(u, fixed[i][1])
@@ -260,5 +287,5 @@ def optimized_bounds(network: Network, region: Region, bounds: list, steps: int 
     return out
 
 
-__all__ = ["SLOPES", "per_row", "start_alpha", "pick_better", "better_start", "ascend", "ascend_alpha", "row_floats", "unit_rows", "bound_units",
+__all__ = ["SLOPES", "per_row", "start_alpha", "pick_better", "better_start", "ascend", "ascend_alpha", "row_floats", "unit_rows", "unit_transpose", "unit_start", "bound_units",
            "slope_bounds", "adaptive_layer", "optimized_layers", "optimized_bounds", "row_chunk", "AUTO_WORK", "TIGHT_DECAY", "unstable"]
