@@ -1,7 +1,8 @@
 """Benchmark part k: tighter dual bounds (intermediate slopes, tight mode) on the fixed networks of
 ``--bench-nets`` (``toy`` 2-100⁴-2 at ε 0.05/0.1/0.25, ``conv`` at ε 0.01/0.05/0.1, L∞, not clipped):
 per row and option the mean width (upper − lower over points × outputs, float32) and the whole-batch
-seconds (median of ``--tight-reps``), the LP with the same intermediate bounds, on ``toy`` LP-ALL (every
+seconds (median of ``--tight-reps``; the non-optimised options interleaved and repeated up to
+``MAX_FAST_REPS`` times, :func:`timed_side_by_side`), the LP with the same intermediate bounds, on ``toy`` LP-ALL (every
 intermediate bound by its own LP: the convex-relaxation barrier), and the peers' figures from
 ``peer_widths.json`` (stored, not re-measured). Then the pretrained ConvNet on the first ``--tight-images``
 test images at ε = 0.1: certified count and ms/image per option.
@@ -9,6 +10,7 @@ test images at ε = 0.1: certified count and ms/image per option.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -18,6 +20,8 @@ import torch.nn as nn
 
 import polytope_lab as pl
 from polytope_lab.dual import FINAL_ALPHA_ONLY
+
+from .cli import time_interleaved
 
 STORED = "stored, not re-measured"
 OPTIONS = {  # label: DualBounder options
@@ -30,6 +34,7 @@ OPTIONS = {  # label: DualBounder options
 }
 ROWS = [("toy", 0.05), ("toy", 0.1), ("toy", 0.25), ("conv", 0.01), ("conv", 0.05), ("conv", 0.1)]
 DEFAULTS = dict(tight_reps=3, tight_images=200)
+MAX_FAST_REPS = 101  # at most this many interleaved calls of each non-optimised option
 QUICK = dict(tight_reps=1, tight_images=20)
 
 
@@ -84,27 +89,46 @@ def timed(fn, reps):
     return out, statistics.median(times)
 
 
+def timed_side_by_side(fns: dict, reps: int, budget: float = 2.0):
+    """{label: (result, median seconds)} of the calls ``fns`` interleaved (:func:`time_interleaved`), with at
+    least ``reps`` repetitions and as many more (at most ``MAX_FAST_REPS``) as fit in about ``budget``
+    seconds per call: the non-optimised toy bounds take a few ms, where 3 repetitions leave their ratios
+    ±50% apart from run to run."""
+    slowest = max(timed(fn, 0)[1] for fn in fns.values())          # also the warm-up
+    n = max(reps, min(MAX_FAST_REPS, math.ceil(budget / max(slowest, 1e-9))))
+    out = time_interleaved({label: (lambda k, fn=fn: fn()) for label, fn in fns.items()}, 1, reps=n, warmup=False)
+    return {label: (results[0], total) for label, (results, total) in out.items()}, n
+
+
 def width(b):
     return float((b.upper - b.lower).mean())
 
 
 def measure_row(model, X, eps, reps, options=OPTIONS, lp_all=False, lp=True):
-    """{label: (width, seconds, bounds)} for every option, the LP over each variant's intermediate
-    bounds ("LP | label"), and LP-ALL when asked."""
+    """{label: (width, seconds, bounds, how timed)} for every option (the non-optimised ones side by side,
+    :func:`timed_side_by_side`), the LP over each variant's intermediate bounds ("LP | label"), and LP-ALL
+    when asked."""
     region = pl.LinfBall(X, eps)
+    bounders = {label: pl.Bounder.create("dual", **opts) for label, opts in options.items()}
+    fast = {label: (lambda b=b: b.bound(model, region)) for label, b in bounders.items() if b.alpha == "fixed"}
+    timings, fast_reps = timed_side_by_side(fast, reps) if fast else ({}, 0)
+    how = f"median of {reps} whole-batch calls" if reps else "one whole-batch call"
     out = {}
-    for label, opts in options.items():
-        bounder = pl.Bounder.create("dual", **opts)
-        b, s = timed(lambda: bounder.bound(model, region), reps)
-        out[label] = (width(b), s, b)
+    for label, bounder in bounders.items():
+        if label in fast:
+            out[label] = (width(timings[label][0]), timings[label][1], timings[label][0],
+                          f"median of {fast_reps} whole-batch calls, interleaved with the other non-optimised options")
+        else:
+            b, s = timed(lambda: bounder.bound(model, region), reps)
+            out[label] = (width(b), s, b, how)
     for label in ("dual fixed", "tight mode (alpha='optimized')"):
         if lp and label in out:
             lp = pl.Bounder.create("lp", intermediate=pl.Bounder.create("dual", **options[label]))
             b, s = timed(lambda: lp.bound(model, region), 0)
-            out[f"LP | {label}"] = (width(b), s, b)
+            out[f"LP | {label}"] = (width(b), s, b, "LP rows: one call, not repeated")
     if lp_all:
         b, s = timed(lambda: pl.Bounder.create("lp", intermediate="lp").bound(model, region), 0)
-        out["LP-ALL"] = (width(b), s, b)
+        out["LP-ALL"] = (width(b), s, b, "LP rows: one call, not repeated")
     return out
 
 
@@ -122,12 +146,9 @@ def part_k(args, model=None, X=None, y=None):
         ac_w, ac_s = peer["mean_width"]["alpha_crown"], peer["seconds_whole_batch_2_threads"]["alpha_crown"]
         res = measure_row(net, pts, eps, args.tight_reps, lp_all=name == "toy",
                           lp=name == "toy" or args.tight_conv_lp)
-        for label, (w, s, _) in res.items():
+        for label, (w, s, _, how) in res.items():
             rows.append({"part": "k", "quantity": f"{name} ε={eps}: {label}", "polytope_lab": w, "seconds": s,
-                         "width / α-CROWN": w / ac_w, "time / α-CROWN": s / ac_s,
-                         "note": "mean width; LP rows: one call, not repeated" if label.startswith("LP") else
-                         (f"mean width; median of {args.tight_reps} whole-batch calls" if args.tight_reps
-                          else "mean width; one whole-batch call")})
+                         "width / α-CROWN": w / ac_w, "time / α-CROWN": s / ac_s, "note": f"mean width; {how}"})
         for peer_name in ("wong_kolter_dual", "crown", "alpha_crown", "pgd_inner"):
             rows.append({"part": "k", "quantity": f"{name} ε={eps}: {peer_name} ({STORED})",
                          "polytope_lab": None, STORED: peer["mean_width"][peer_name],
@@ -155,4 +176,4 @@ def convnet_rows(model, X, y, args, eps=0.1):
     return rows
 
 
-__all__ = ["part_k", "load_net", "measure_row", "OPTIONS", "ROWS", "convnet_rows"]
+__all__ = ["part_k", "load_net", "measure_row", "timed_side_by_side", "OPTIONS", "ROWS", "MAX_FAST_REPS", "convnet_rows"]
