@@ -25,14 +25,15 @@ def _bab(**options):
 
 
 @settings(max_examples=n_examples(4), deadline=None)
-@given(kind=st.sampled_from(list(NETS)), seed=st.integers(0, 1000), clip=st.booleans())
-def test_bab_minima_equal_the_milp(kind, seed, clip):
+@given(kind=st.sampled_from(list(NETS)), seed=st.integers(0, 1000), clip=st.booleans(),
+       tighten=st.sampled_from([0, 8, 30]))
+def test_bab_minima_equal_the_milp(kind, seed, clip, tighten):
     model, shape = NETS[kind]()
     x = random_inputs(shape, batch=1, seed=seed)
     region = pl.LinfBall(x, 0.3, clip=(0.0, 1.0) if clip else None)
     n_out = model(x).shape[1]
     C = torch.randn(2, n_out, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    b = _bab(split="relu").bound(model, region, C)
+    b = _bab(split="relu", tighten_steps=tighten).bound(model, region, C)
     m = pl.Bounder.create("milp", threads=1).bound(model, region, C)
     assert b.status == ["optimal"] and m.status == ["optimal"]
     torch.testing.assert_close(b.lower, m.lower, rtol=3e-5, atol=3e-5)
@@ -153,7 +154,8 @@ def test_find_point_through_the_pipeline():
         assert model(torch.from_numpy(r.counterexample.x).reshape(1, 2))[0, 0] <= lo + 1e-4
 
 
-@pytest.mark.parametrize("option", [{"branching": "x"}, {"split": "y"}, {"batch": 1}, {"time_limit": 0}])
+@pytest.mark.parametrize("option", [{"branching": "x"}, {"split": "y"}, {"batch": 1}, {"time_limit": 0},
+                                    {"tighten_steps": -1}])
 def test_bad_options_are_value_errors(option):
     with pytest.raises(ValueError):
         pl.Bounder.create("bab", **option)

@@ -52,6 +52,7 @@ class Settings:
     tolerance: float = 1e-5
     steps: int = 4
     root_steps: int = 30
+    tighten_steps: int = 8
     attack_steps: int = 50
     attack_restarts: int = 4
     local_attack: int = 8
@@ -104,8 +105,8 @@ class Search:
 
     def tighten(self):
         """Tighten the root's intermediate bounds by optimised α (once; dearer than a root bound on conv nets)."""
-        if self.s.root_steps and not self.tightened:
-            self.root = tightened_bounds(self.net, self.region, self.root, self.s.root_steps, budget=self.budget)
+        if self.s.tighten_steps and not self.tightened:
+            self.root = tightened_bounds(self.net, self.region, self.root, self.s.tighten_steps, budget=self.budget)
         self.tightened = True
 
     # ---------------------------------------------------------------- incumbents and closing
