@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polytope_lab.dual.relu import max_unstable, relu_slopes, relu_terms, unstable_units
+from polytope_lab.dual.relu import lower_slope_terms, max_unstable, relu_slopes, relu_terms, unstable_units
 
 
 def test_relu_slopes_on_each_kind_of_unit():
@@ -91,3 +91,26 @@ def test_the_gathered_terms_equal_the_terms_over_all_units():
     full = relu_terms(G, torch.where(unstable, l, torch.zeros_like(l)))
     for a, b in zip(relu_terms(gathered, units.l), full):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_short_way_without_a_gradient_equals_the_autograd_step(shared):
+    """lower_slope_terms without a gradient (terms from [ω̂]₋, in place) gives the autograd path's ω and
+    terms, and ω is exactly 0 where α = 0 and ω̂ > 0 on I."""
+    g = torch.Generator().manual_seed(3)
+    l = torch.randn(2, 7, generator=g, dtype=torch.float64) - 0.3
+    u = l + torch.rand(2, 7, generator=g, dtype=torch.float64) + 0.1
+    d, unstable = relu_slopes(l, u)
+    lI = torch.where(unstable, l, torch.zeros_like(l))
+    omega_hat = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    alpha = torch.rand(2, 1 if shared else 5, 7, generator=g, dtype=torch.float64)
+    alpha[..., :3] = 0.0
+    d3, unstable3 = d.unsqueeze(1), unstable.unsqueeze(1)
+    with torch.no_grad():
+        omega, lo = lower_slope_terms(omega_hat, alpha, d3, unstable3, lI)
+    grad_alpha = alpha.clone().requires_grad_(True)
+    want, want_lo = lower_slope_terms(omega_hat, grad_alpha, d3, unstable3, lI)
+    torch.testing.assert_close(omega, want.detach(), rtol=0, atol=1e-15)
+    torch.testing.assert_close(lo, want_lo.detach(), rtol=1e-12, atol=1e-12)
+    zero = (alpha == 0) & unstable3 & (omega_hat > 0)
+    assert zero.any() and (omega[zero] == 0).all()
