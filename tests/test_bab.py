@@ -213,3 +213,34 @@ def test_pretrained_convnet_first_20_images_same_verdicts_as_the_milp():
     bab = pl.Bounder.create("bab", time_limit=60).certify(model, region, y[:20])
     assert set(milp.status) <= {"certified", "counterexample"}
     assert bab.status == milp.status
+
+
+def test_the_local_attack_starts_only_from_subdomains_left_open(monkeypatch):
+    """A root the new bound closes starts no local PGD (it cannot hold a counterexample); an open one does,
+    from its relaxation minimiser."""
+    from polytope_lab.bab import search as bab_search
+    from polytope_lab.solvers import Budget
+    from polytope_lab.convert import as_network
+    model = make_mlp([3, 10, 10, 3], seed=2).double()
+    net, region = as_network(model, (3,)), pl.LinfBall(torch.zeros(1, 3, dtype=torch.float64), 0.5)
+    C = torch.tensor([[[1.0, -1.0, 0.0]], [[1.0, 0.0, -1.0]]], dtype=torch.float64)
+    low = pl.Bounder.create("dual").bound(model, region, C[:, 0][None]).lower[0]
+    exact = pl.Bounder.create("milp", threads=1).bound(model, region, C[:, 0][None]).lower[0]
+    assert float(exact[1] - low[1]) > 2e-3                   # the dual is loose on row 1: its root stays open
+    offset = torch.stack([low[0] - 1.0, exact[1] - 1e-3]).reshape(2, 1)   # row 0 closes at its root
+    calls = []
+    real = bab_search.attack
+
+    def recording(net_, lo, hi, C_, offset_, steps, restarts=4, seed=0, **kw):
+        calls.append(C_.clone())
+        return real(net_, lo, hi, C_, offset_, steps, restarts, seed, **kw)
+
+    monkeypatch.setattr(bab_search, "attack", recording)
+    search = bab_search.Search(net, region, C, offset, True, bab_search.Settings(), Budget(None))
+    roots = [bab_search.Node(p, -float("inf"), signs=torch.zeros(sum(search.sizes), dtype=torch.int8)) for p in range(2)]
+    search.bound(roots, 0)
+    assert len(calls) == 1 and torch.equal(calls[0], C[1:])
+    assert [node.p for _, _, node in search.heap] == [1] and not search.found
+    calls.clear()
+    search.bound([bab_search.Node(0, -float("inf"), signs=torch.zeros(sum(search.sizes), dtype=torch.int8))], 0)
+    assert calls == []

@@ -246,7 +246,8 @@ class Search:
             out = split_dual(self.net, region, bounds, signs, C, alpha, beta, steps, self.s.lr, self.s.lr_beta,
                              budget=self.budget)
         values = (out.lower - offset).amax(1)
-        self.candidates(nodes, out.omega_input, lo, hi, C, offset)
+        still_open = torch.tensor([max(n.lower, float(v)) <= self.threshold(n.p) for n, v in zip(nodes, values.tolist())])
+        self.candidates(nodes, out.omega_input, lo, hi, C, offset, still_open)
         branch = self.input_branch(out.omega_input, lo, hi) if self.input_mode else self.relu_branch(out, bounds, signs)
         if not self.input_mode:
             a_flat = torch.cat([a.reshape(len(nodes), a.shape[1], -1) for a in out.alpha], 2).float()
@@ -263,9 +264,10 @@ class Search:
         t = torch.stack(flats).double()
         return [a.reshape(len(flats), t.shape[1], *s) for a, s in zip(t.split(self.sizes, 2), self.shapes)]
 
-    def candidates(self, nodes, omega_input, lo, hi, C, offset):
+    def candidates(self, nodes, omega_input, lo, hi, C, offset, still_open):
         """Each subdomain's relaxation minimiser per row (the corner of its box that ω̂_1 points to), checked
-        on the network."""
+        on the network; those of the subdomains the new bound leaves open (``still_open``) start the local
+        attack."""
         N, K = C.shape[:2]
         w = omega_input.reshape(N, K, -1)
         x = torch.where(w > 0, lo[:, None, :], hi[:, None, :]).reshape(N * K, -1)
@@ -274,13 +276,15 @@ class Search:
         best, k = v.min(1)
         for i in torch.nonzero(best < self.U[[n.p for n in nodes]]).reshape(-1).tolist():
             self.offer(nodes[i].p, float(best[i]), x.reshape(N, K, -1)[i, k[i]])
-        self.local_attack(nodes, x.reshape(N, K, -1)[torch.arange(N), k], best, C, offset)
+        self.local_attack(nodes, x.reshape(N, K, -1)[torch.arange(N), k], torch.where(still_open, best, math.inf),
+                          C, offset)
 
     def local_attack(self, nodes, points, values, C, offset):
         """PGD from the best relaxation minimisers of the batch (``local_attack`` of them, the lowest
-        objective first): a counterexample often lies near the corner of a subdomain whose relaxation
-        points at it, off the PGD paths from the box's centre and random starts (decide mode only)."""
-        m = min(self.s.local_attack, len(nodes))
+        objective first; an infinite value: the subdomain is closed, no start): a counterexample often lies
+        near the corner of a subdomain whose relaxation points at it, off the PGD paths from the box's
+        centre and random starts (decide mode only)."""
+        m = min(self.s.local_attack, int(torch.isfinite(values).sum()))
         if not (self.decide and m and self.s.local_attack_steps) or self.found or self.budget.expired:
             return
         pick = torch.argsort(values)[:m]
