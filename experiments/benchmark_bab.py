@@ -1,8 +1,8 @@
 """Benchmark part l: branch and bound ("bab") against the MILP, side by side, the same per-example time limit.
 
-Pieces (``--bab-pieces``, any subset, each runnable alone), every example timed whole and its result put to
-the result store (``<out>/results.sqlite``, table ``bab_per_example``) as soon as it is made; a rerun with
-``--resume`` skips the examples already stored (keys name the piece, backend and time limit):
+Pieces (``--bab-pieces``, any subset, each runnable alone), every example timed whole (the two backends in
+turn on each example) and its result put to the result store (``<out>/results.sqlite``, table
+``bab_per_example``) as soon as it is made; a rerun with ``--resume`` skips the examples already stored (keys name the piece, backend and time limit):
 
   mnistfc.    VNN-COMP 2021 ``mnistfc`` 256x2 (``--vnncomp-dir``: its ``instances.csv``, the 256x2 lines),
               ``verify_property`` with ``exact="bab"`` and with ``exact="milp"``: decided (sat + unsat) and
@@ -107,19 +107,21 @@ def bounders(args) -> dict:
             "milp": pl.Bounder.create("milp", time_limit=args.bab_time_limit, threads=args.threads)}
 
 
-def stored_run(store, piece, backend, limit, n, one, resume: bool) -> list:
-    """Records of examples 0..n-1 of (piece, backend, limit): from the store with ``resume``, else
-    ``one(i)`` (put at once, with the BaB subdomains it bounded)."""
-    records = []
-    for i in tqdm(range(n), desc=f"l: {piece}, {backend}", leave=False):
-        key = (piece, backend, limit, i)
-        if not (resume and key in store):
-            before = BaBBounder.subdomains_bounded
-            record = one(i)
-            record.update(piece=piece, backend=backend, time_limit=limit, example=i,
-                          subdomains=BaBBounder.subdomains_bounded - before)
-            store.put(key, record)
-        records.append(store.get(key))
+def stored_runs(store, piece, limit, n, ones: dict, resume: bool) -> dict:
+    """{backend: records of examples 0..n-1} of (piece, backend, limit), the backends interleaved per
+    example (so drift in the machine's speed falls on both): from the store with ``resume``, else
+    ``ones[backend](i)`` (put at once, with the BaB subdomains it bounded)."""
+    records = {backend: [] for backend in ones}
+    for i in tqdm(range(n), desc=f"l: {piece}", leave=False):
+        for backend, one in ones.items():
+            key = (piece, backend, limit, i)
+            if not (resume and key in store):
+                before = BaBBounder.subdomains_bounded
+                record = one(i)
+                record.update(piece=piece, backend=backend, time_limit=limit, example=i,
+                              subdomains=BaBBounder.subdomains_bounded - before)
+                store.put(key, record)
+            records[backend].append(store.get(key))
     return records
 
 
@@ -172,7 +174,7 @@ def piece_mnistfc(args, store) -> tuple:
             return {"status": r.verdict, "seconds": r.seconds, "stage": r.stage, "value": vnnlib.name}
         return one
 
-    records = {b: stored_run(store, "mnistfc", b, limit, len(instances), solve(b), args.resume) for b in BACKENDS}
+    records = stored_runs(store, "mnistfc", limit, len(instances), {b: solve(b) for b in BACKENDS}, args.resume)
     hard = {r["example"] for b in BACKENDS for r in records[b] if r["stage"] not in BOUND_STAGES}
     rows = side_by_side("mnistfc", f" (of {len(instances)} properties)", records, limit)
     rows += side_by_side("mnistfc", f", properties the bounds and the attack leave open ({len(hard)})", records,
@@ -183,12 +185,13 @@ def piece_mnistfc(args, store) -> tuple:
 def certify_piece(piece, model, X, y, args, store) -> tuple:
     """Each backend's default certify on the first --bab-images images, ε ∩ [0, 1]."""
     n, limit = min(args.bab_images, len(X)), args.bab_time_limit
-    records = {}
-    for backend, bounder in bounders(args).items():
-        def one(i, bounder=bounder):
+    def certify(bounder):
+        def one(i):
             r = certify_each(bounder, model, X[i:i + 1], y[i:i + 1], EPS, clip=CLIP)[0]
             return {"status": r["status"], "seconds": r["seconds"], "stage": None, "value": r["margin"]}
-        records[backend] = stored_run(store, piece, backend, limit, n, one, args.resume)
+        return one
+
+    records = stored_runs(store, piece, limit, n, {b: certify(bd) for b, bd in bounders(args).items()}, args.resume)
     rows = side_by_side(piece, f" (first {n} images, ε={EPS} ∩ [0,1])", records, limit)
     verdicts = {b: [r["status"] for r in records[b]] for b in BACKENDS}
     both = [i for i in range(n) if all(verdicts[b][i] in ("certified", "counterexample") for b in BACKENDS)]
@@ -226,14 +229,15 @@ def piece_mlp(X_train, y_train, X, y, args, store) -> tuple:
                         warmup_epochs=t["mlp_warmup"], clip=CLIP, flatten_layer=True)
     mlp.eval()
     n, limit = min(args.bab_mlp_images, len(X)), args.bab_time_limit
-    records = {}
-    for backend, bounder in bounders(args).items():
-        def one(i, bounder=bounder):
+    def exact(bounder):
+        def one(i):
             start = time.perf_counter()
             b = bounder.bound(mlp, pl.LinfBall(X[i:i + 1], EPS, clip=CLIP), pl.margin_matrix(y[i:i + 1], 10))
             return {"status": b.status[0], "seconds": time.perf_counter() - start, "stage": None,
                     "value": b.lower[0].tolist() + b.upper[0].tolist()}
-        records[backend] = stored_run(store, "mlp", backend, limit, n, one, args.resume)
+        return one
+
+    records = stored_runs(store, "mlp", limit, n, {b: exact(bd) for b, bd in bounders(args).items()}, args.resume)
     rows = side_by_side("mlp", f" (exact margin bounds, first {n} images, ε={EPS} ∩ [0,1])", records, limit)
     both = [(a, m) for a, m in zip(records["bab"], records["milp"]) if a["status"] == m["status"] == "optimal"]
     diff = max((float(np.max(np.abs(np.subtract(a["value"], m["value"])))) for a, m in both), default=float("nan"))
