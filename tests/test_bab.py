@@ -3,6 +3,8 @@ certify verdicts equal the MILP's, a time limit gives a sound bound with its sta
 the pipeline."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -24,16 +26,23 @@ def _bab(**options):
     return pl.Bounder.create("bab", attack_steps=20, **options)
 
 
+def _probing_every_step(bounder):
+    """``bounder`` with the LP probes run at every step (no stall needed): the probe path always taken."""
+    bounder.settings = dataclasses.replace(bounder.settings, stall_steps=0)
+    return bounder
+
+
 @settings(max_examples=n_examples(4), deadline=None)
 @given(kind=st.sampled_from(list(NETS)), seed=st.integers(0, 1000), clip=st.booleans(),
-       tighten=st.sampled_from([0, 8, 30]))
-def test_bab_minima_equal_the_milp(kind, seed, clip, tighten):
+       tighten=st.sampled_from([0, 8, 30]), probe=st.booleans())
+def test_bab_minima_equal_the_milp(kind, seed, clip, tighten, probe):
     model, shape = NETS[kind]()
     x = random_inputs(shape, batch=1, seed=seed)
     region = pl.LinfBall(x, 0.3, clip=(0.0, 1.0) if clip else None)
     n_out = model(x).shape[1]
     C = torch.randn(2, n_out, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    b = _bab(split="relu", tighten_steps=tighten).bound(model, region, C)
+    bab = _bab(split="relu", tighten_steps=tighten)
+    b = (_probing_every_step(bab) if probe else bab).bound(model, region, C)
     m = pl.Bounder.create("milp", threads=1).bound(model, region, C)
     assert b.status == ["optimal"] and m.status == ["optimal"]
     torch.testing.assert_close(b.lower, m.lower, rtol=3e-5, atol=3e-5)
@@ -60,12 +69,13 @@ def test_bab_equals_a_dense_grid_on_a_2d_net():
         assert (b.upper[0] >= values.max(0).values - 1e-9).all()
 
 
-def test_certify_verdicts_equal_the_milp():
+@pytest.mark.parametrize("probe", [False, True])
+def test_certify_verdicts_equal_the_milp(probe):
     model, shape = NETS["mlp"]()
     x = random_inputs(shape, batch=6, seed=5)
     for eps in (0.05, 0.2):
         region = pl.LinfBall(x, eps)
-        b = _bab().certify(model, region)
+        b = (_probing_every_step(_bab()) if probe else _bab()).certify(model, region)
         m = pl.Bounder.create("milp", threads=1).certify(model, region)
         assert b.status == m.status
         for i, s in enumerate(b.status):
@@ -155,7 +165,7 @@ def test_find_point_through_the_pipeline():
 
 
 @pytest.mark.parametrize("option", [{"branching": "x"}, {"split": "y"}, {"batch": 1}, {"time_limit": 0},
-                                    {"tighten_steps": -1}])
+                                    {"tighten_steps": -1}, {"lp_probes": -1}])
 def test_bad_options_are_value_errors(option):
     with pytest.raises(ValueError):
         pl.Bounder.create("bab", **option)
@@ -213,6 +223,24 @@ def test_pretrained_convnet_first_20_images_same_verdicts_as_the_milp():
     bab = pl.Bounder.create("bab", time_limit=60).certify(model, region, y[:20])
     assert set(milp.status) <= {"certified", "counterexample"}
     assert bab.status == milp.status
+
+
+def test_lp_probes_unblock_a_stalled_search_on_the_pretrained_convnet():
+    """Test image 3384 at ε = 0.1 ∩ [0, 1] (needs the real data): its lowest bound stalls at −0.011 over
+    split patterns that the dual's few β steps cannot expose as infeasible (still open after 60 s without
+    the probes); the LP probes prune them and find a counterexample, in the region and misclassified."""
+    from polytope_lab import data, models
+    X, y = data.mnist("test", root=real_mnist_dir().parent, download=False)
+    model = models.load_state(models.mnist_convnet(), pretrained_path())
+    region = pl.LinfBall(X[3384:3385], 0.1, clip=(0, 1))
+    c = pl.Bounder.create("bab", time_limit=600).certify(model, region, y[3384:3385])
+    assert c.status == ["counterexample"]
+    point = c.counterexample
+    assert region.contains(point).all()
+    with torch.no_grad():
+        logits = model.double()(point.double())[0]
+    label = int(y[3384])
+    assert float(logits[label] - torch.cat([logits[:label], logits[label + 1:]]).max()) <= 0
 
 
 def test_the_local_attack_starts_only_from_subdomains_left_open(monkeypatch):

@@ -51,8 +51,9 @@ class BaBBounder(Bounder):
     max(1, |value|)); ``steps``/``root_steps`` α/β steps per subdomain batch and at the root;
     ``tighten_steps`` the α steps per layer of the root's intermediate bounds (tight mode's ascent, once;
     default 8: 30 gave the same subdomains at 1.5× the time on the PGD-trained ConvNet's open images);
-    ``attack_steps``/``attack_restarts`` for the PGD attack before branching; ``device`` (ignored: the
-    search runs on the CPU in float64).
+    ``attack_steps``/``attack_restarts`` for the PGD attack before branching; ``lp_probes`` the lowest
+    open subdomains whose LP (HiGHS) is solved when the lowest bound has not risen for 3 steps (0: never;
+    ReLU splits only); ``device`` (ignored: the search runs on the CPU in float64).
 
     ``bound``: status "optimal" (lower ≥ the minimum − tolerance, the minimum attained within it), else
     "time_limit"/"memory_limit" with the minimum over the open subdomains (sound). ``certify`` decides
@@ -67,7 +68,7 @@ class BaBBounder(Bounder):
 
     def __init__(self, time_limit=None, batch=256, branching="babsr", split="auto", max_memory=2 ** 30,
                  progress=False, tolerance=Settings.tolerance, steps=4, root_steps=30, attack_steps=50, attack_restarts=4,
-                 device=None, tighten_steps=Settings.tighten_steps):
+                 device=None, tighten_steps=Settings.tighten_steps, lp_probes=Settings.lp_probes):
         super().__init__(device=device)
         time_limit = time_limit_seconds(time_limit)
         if branching not in BRANCHING:
@@ -76,12 +77,15 @@ class BaBBounder(Bounder):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if int(batch) < 2 or not float(max_memory) > 0 or not float(tolerance) > 0:
             raise ValueError("batch must be >= 2, max_memory and tolerance > 0")
-        if min(int(steps), int(root_steps), int(tighten_steps), int(attack_steps)) < 0 or int(attack_restarts) < 1:
-            raise ValueError("steps, root_steps, tighten_steps, attack_steps must be >= 0 and attack_restarts >= 1")
+        if min(int(steps), int(root_steps), int(tighten_steps), int(attack_steps), int(lp_probes)) < 0 \
+                or int(attack_restarts) < 1:
+            raise ValueError("steps, root_steps, tighten_steps, attack_steps, lp_probes must be >= 0 and "
+                             "attack_restarts >= 1")
         self.time_limit = time_limit
         self.progress = bool(progress)
         self.settings = Settings(int(batch), branching, split, int(max_memory), float(tolerance), int(steps),
-                                 int(root_steps), int(tighten_steps), int(attack_steps), int(attack_restarts))
+                                 int(root_steps), int(tighten_steps), int(attack_steps), int(attack_restarts),
+                                 lp_probes=int(lp_probes))
 
     def _search(self, net64, region64, C, offset, decide, budget, desc):
         bar = _progress(self.progress, desc)

@@ -77,7 +77,8 @@ class LeafResult:
 def solve_leaf(ops, lo, hi, clipped: list, signs: list, C: np.ndarray, offset: np.ndarray,
                time_limit=None) -> LeafResult:
     """``min max_k (C_k f − offset_k)`` over the leaf's linear region (float64 numpy inputs: ``clipped``
-    flat (l, u) per ReLU layer, each unit stable; ``signs`` flat per layer; C (K, n_out))."""
+    flat (l, u) per ReLU layer, each unit stable; ``signs`` flat per layer; C (K, n_out)). With unstable
+    units left, the same LP over the subdomain's relaxation (eq. 15): a lower bound, and a point of the box."""
     system = build(ops, lo, hi, clipped, exact=False)
     for layer, s in enumerate(signs):
         for unit in np.flatnonzero(s):

@@ -59,6 +59,8 @@ class Settings:
     local_attack_steps: int = 20
     lr: float = 0.1
     lr_beta: float = 0.05
+    lp_probes: int = 16
+    stall_steps: int = 3
 
 
 class Node:
@@ -102,6 +104,7 @@ class Search:
         self.cap = max(4 * settings.batch, int(settings.max_memory // per_node))
         self.ops = None
         self.failed = {}    # problem -> status of a leaf LP that failed ("time_limit", "error: …")
+        self.stalled, self.best_low = 0, -math.inf    # steps since the lowest open bound last rose
 
     def tighten(self):
         """Tighten the root's intermediate bounds by optimised α (once; dearer than a root bound on conv nets)."""
@@ -189,6 +192,8 @@ class Search:
         return out
 
     def step(self):
+        if self.stall():
+            self.probe()
         nodes = self.pop(max(1, self.s.batch // 2))
         for leaf in [n for n in nodes if n.branch < 0]:
             if self.budget.expired:
@@ -201,6 +206,43 @@ class Search:
         if self.bar is not None:
             self.bar.update(len(parents))
             self.bar.set_postfix(open=len(self.heap), lower=f"{self.heap[0][0]:.4g}" if self.heap else "-")
+
+    def stall(self) -> bool:
+        """Whether the lowest open bound has not risen for ``stall_steps`` steps (then reset the count)."""
+        if not self.heap or self.input_mode or not self.s.lp_probes:
+            return False
+        low = self.heap[0][0]
+        self.stalled = self.stalled + 1 if low <= self.best_low else 0
+        self.best_low = max(self.best_low, low)
+        if self.stalled < self.s.stall_steps:
+            return False
+        self.stalled = 0
+        return True
+
+    def probe(self):
+        """Solve the LP of the ``lp_probes`` lowest open subdomains (the relaxation with their splits): an
+        empty one is pruned; else its bound rises to the LP's (sound: the LP relaxes the subdomain) and its
+        minimiser, a point that satisfies the splits in the relaxation, is checked on the network and starts
+        the local attack. Where the dual stalls, its subdomains are often infeasible split patterns that a
+        few β steps cannot expose, or its box-corner candidates miss a counterexample inside."""
+        nodes = [n for n in self.pop(self.s.lp_probes) if not self.budget.expired]
+        points = []
+        for node in nodes:
+            out = self.lp(node, self.C[node.p], self.offset[node.p])
+            if out.status == "empty":
+                node.lower = math.inf
+            elif out.status == "optimal":
+                node.lower = max(node.lower, out.value - leaf_slack(out.value))
+                points.append((node, torch.from_numpy(out.point)))
+        if points:
+            x = torch.stack([pt for _, pt in points])
+            idx = torch.tensor([n.p for n, _ in points])
+            v = row_maximum(self.net, x.reshape(len(x), *self.net.input_shape), self.C[idx], self.offset[idx])
+            for (node, pt), value in zip(points, v.tolist()):
+                self.offer(node.p, value, pt)
+            self.local_attack([n for n, _ in points], x, v, self.C[idx], self.offset[idx])
+        for node in nodes:
+            self.push(node)
 
     def children(self, node: Node) -> list:
         j = node.branch
@@ -335,7 +377,9 @@ class Search:
             if self.decide and self.state[node.p] == "open":
                 self.state[node.p] = "unknown"     # the minimum is 0 within the leaf's tolerance
 
-    def solve_lp(self, node: Node, C, offset):
+    def lp(self, node: Node, C, offset):
+        """The LP of ``node``'s subdomain (:func:`.leaves.solve_leaf`): the relaxation over the root's bounds
+        clipped by its splits, plus the split rows; exact on a leaf, a relaxation elsewhere."""
         if self.ops is None:
             self.ops = self.net.matrices()
         flat = node.signs.numpy()
@@ -344,8 +388,11 @@ class Search:
         for (l, u), s in zip(self.root, signs):
             l, u = l.reshape(-1).numpy(), u.reshape(-1).numpy()
             clipped.append((np.where(s > 0, np.maximum(l, 0), l), np.where(s < 0, np.minimum(u, 0), u)))
-        out = solve_leaf(self.ops, self.lo.numpy(), self.hi.numpy(), clipped, signs, C.numpy(), offset.numpy(),
-                         self.budget.remaining())
+        return solve_leaf(self.ops, self.lo.numpy(), self.hi.numpy(), clipped, signs, C.numpy(), offset.numpy(),
+                          self.budget.remaining())
+
+    def solve_lp(self, node: Node, C, offset):
+        out = self.lp(node, C, offset)
         if out.status == "empty":
             node.lower = math.inf
         elif out.status == "optimal":
