@@ -272,3 +272,27 @@ def test_the_local_attack_starts_only_from_subdomains_left_open(monkeypatch):
     calls.clear()
     search.bound([bab_search.Node(0, -float("inf"), signs=torch.zeros(sum(search.sizes), dtype=torch.int8))], 0)
     assert calls == []
+
+
+def test_a_probe_cut_short_by_the_time_limit_keeps_every_subdomain():
+    """Probes past the deadline leave their subdomains open, untouched: the minimum over the open ones, the
+    time-limit bound, does not rise; probes in time only raise bounds the MILP confirms."""
+    from polytope_lab.bab import search as bab_search
+    from polytope_lab.convert import as_network
+    from polytope_lab.solvers import Budget
+    model = make_mlp([3, 12, 12, 2], seed=4).double()
+    net, region = as_network(model, (3,)), pl.LinfBall(torch.zeros(1, 3, dtype=torch.float64), 0.6)
+    C = torch.tensor([[[1.0, -1.0]]], dtype=torch.float64)
+    search = bab_search.Search(net, region, C, torch.zeros(1, 1, dtype=torch.float64), False,
+                               bab_search.Settings(attack_steps=0), Budget(None))
+    search.bound([bab_search.Node(0, -float("inf"), signs=torch.zeros(sum(search.sizes), dtype=torch.int8))], 0)
+    search.step()
+    held, lower = len(search.heap), search.lower().clone()
+    assert held > 1
+    search.budget = Budget(0.0)
+    search.probe()
+    assert len(search.heap) == held and torch.equal(search.lower(), lower)
+    search.budget = Budget(None)
+    search.probe()
+    exact = pl.Bounder.create("milp", threads=1).bound(model, region, C[:, 0][None]).lower[0, 0]
+    assert lower[0] <= search.lower()[0] <= exact + 1e-6

@@ -225,9 +225,11 @@ class Search:
         minimiser, a point that satisfies the splits in the relaxation, is checked on the network and starts
         the local attack. Where the dual stalls, its subdomains are often infeasible split patterns that a
         few β steps cannot expose, or its box-corner candidates miss a counterexample inside."""
-        nodes = [n for n in self.pop(self.s.lp_probes) if not self.budget.expired]
+        nodes = self.pop(self.s.lp_probes)
         points = []
         for node in nodes:
+            if self.budget.expired:      # the rest go back untouched
+                break
             out = self.lp(node, self.C[node.p], self.offset[node.p])
             if out.status == "empty":
                 node.lower = math.inf
