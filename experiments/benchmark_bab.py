@@ -2,7 +2,8 @@
 
 Pieces (``--bab-pieces``, any subset, each runnable alone), every example timed whole (the two backends in
 turn on each example) and its result put to the result store (``<out>/results.sqlite``, table
-``bab_per_example``) as soon as it is made; a rerun with ``--resume`` skips the examples already stored (keys name the piece, backend and time limit):
+``bab_per_example``) as soon as it is made; a rerun with ``--resume`` skips the examples already stored
+(keys name the piece, backend and time limit):
 
   mnistfc.    VNN-COMP 2021 ``mnistfc`` 256x2 (``--vnncomp-dir``: its ``instances.csv``, the 256x2 lines),
               ``verify_property`` with ``exact="bab"`` and with ``exact="milp"``: decided (sat + unsat) and

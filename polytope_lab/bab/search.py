@@ -220,8 +220,8 @@ class Search:
         return True
 
     def probe(self):
-        """Solve the LP of the ``lp_probes`` lowest open subdomains (the relaxation with their splits): an
-        empty one is pruned; else its bound rises to the LP's (sound: the LP relaxes the subdomain) and its
+        """Solve the LP of the non-leaves among the ``lp_probes`` lowest open subdomains (the relaxation with
+        their splits; :meth:`lp`): an empty one is pruned; else its bound rises to the LP's (sound: the LP relaxes the subdomain) and its
         minimiser, a point that satisfies the splits in the relaxation, is checked on the network and starts
         the local attack. Where the dual stalls, its subdomains are often infeasible split patterns that a
         few β steps cannot expose, or its box-corner candidates miss a counterexample inside."""
@@ -230,12 +230,10 @@ class Search:
         for node in nodes:
             if self.budget.expired:      # the rest go back untouched
                 break
-            out = self.lp(node, self.C[node.p], self.offset[node.p])
-            if out.status == "empty":
-                node.lower = math.inf
-            elif out.status == "optimal":
-                node.lower = max(node.lower, out.value - leaf_slack(out.value))
-                points.append((node, torch.from_numpy(out.point)))
+            if node.branch >= 0:         # a leaf's LP is exact: the step solves it as a leaf
+                out = self.lp(node)
+                if out.status == "optimal":
+                    points.append((node, torch.from_numpy(out.point)))
         if points:
             x = torch.stack([pt for _, pt in points])
             idx = torch.tensor([n.p for n, _ in points])
@@ -373,15 +371,17 @@ class Search:
             node.lower = v
             self.offer(node.p, v, node.lo)
         else:
-            self.solve_lp(node, C, offset)
+            self.solve_lp(node)
         if not self.close(node):    # settled all the same: its bound is exact (or the dual's, if the LP failed)
             self.proven[node.p] = min(float(self.proven[node.p]), node.lower)
             if self.decide and self.state[node.p] == "open":
                 self.state[node.p] = "unknown"     # the minimum is 0 within the leaf's tolerance
 
-    def lp(self, node: Node, C, offset):
-        """The LP of ``node``'s subdomain (:func:`.leaves.solve_leaf`): the relaxation over the root's bounds
-        clipped by its splits, plus the split rows; exact on a leaf, a relaxation elsewhere."""
+    def lp(self, node: Node):
+        """Solve the LP of ``node``'s subdomain (:func:`.leaves.solve_leaf`: the relaxation over the root's
+        bounds clipped by its splits, plus the split rows; exact on a leaf, a relaxation elsewhere) and
+        raise its bound: ∞ if empty, else the LP's optimum less :func:`.leaves.leaf_slack` (sound either
+        way); a failed LP leaves it. Returns the LP's result."""
         if self.ops is None:
             self.ops = self.net.matrices()
         flat = node.signs.numpy()
@@ -390,19 +390,24 @@ class Search:
         for (l, u), s in zip(self.root, signs):
             l, u = l.reshape(-1).numpy(), u.reshape(-1).numpy()
             clipped.append((np.where(s > 0, np.maximum(l, 0), l), np.where(s < 0, np.minimum(u, 0), u)))
-        return solve_leaf(self.ops, self.lo.numpy(), self.hi.numpy(), clipped, signs, C.numpy(), offset.numpy(),
-                          self.budget.remaining())
-
-    def solve_lp(self, node: Node, C, offset):
-        out = self.lp(node, C, offset)
+        C, offset = self.C[node.p], self.offset[node.p]
+        out = solve_leaf(self.ops, self.lo.numpy(), self.hi.numpy(), clipped, signs, C.numpy(), offset.numpy(),
+                         self.budget.remaining())
         if out.status == "empty":
             node.lower = math.inf
         elif out.status == "optimal":
             node.lower = max(node.lower, out.value - leaf_slack(out.value))
+        return out
+
+    def solve_lp(self, node: Node):
+        """A leaf's LP: its minimiser is offered; a failed LP leaves the problem not settled exactly."""
+        out = self.lp(node)
+        if out.status == "optimal":
             x = torch.from_numpy(out.point)
-            v = float(row_maximum(self.net, x.reshape(1, *self.net.input_shape), C[None], offset[None])[0])
+            v = float(row_maximum(self.net, x.reshape(1, *self.net.input_shape), self.C[node.p][None],
+                                  self.offset[node.p][None])[0])
             self.offer(node.p, v, x)
-        else:    # a failed LP: the subdomain's dual bound stands, the problem is not settled exactly
+        elif out.status != "empty":    # the subdomain's dual bound stands
             self.failed[node.p] = out.status
 
     # ---------------------------------------------------------------- results
