@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .composite import ComposedOp, LinearPartOp, SumOp
 from .models import Dense, DenseSequential
-from .network import (Affine, ChannelAffineOp, ComposedOp, Conv2dOp, IdentityOp, LinearOp, LinearPartOp, Network,
-                      SumOp, numel)
+from .network import Affine, ChannelAffineOp, Conv2dOp, IdentityOp, LinearOp, Network, numel
 
 BUILTIN_LAYERS = ("Linear", "Conv2d (groups=1, zero padding)", "ReLU",
                   "Flatten (nn.Flatten or a module named Flatten that flattens)", "Identity",

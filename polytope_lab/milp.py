@@ -1,24 +1,22 @@
 """Exact bounds by MILP over the adversarial polytope (Wong & Kolter 2018, eq. 4).
 
 The system is :func:`polytope_lab.relaxation.build` with ``exact=True``: for one example with input box
-``[lo, hi]`` (an L∞ ball, ∩ the clip box) and pre-activation bounds ``l ≤ ẑ ≤ u`` from another Bounder
-(the big-M constants, widened by ``relaxation.WIDEN`` so that rounding never cuts off a point),
+``[lo, hi]`` (an L∞ ball, ∩ the clip box) and pre-activation bounds ``l ≤ ẑ ≤ u`` from another Bounder (the
+big-M constants, widened by ``relaxation.WIDEN`` so that rounding never cuts off a point),
 
     z_1 = x' ∈ [lo, hi],     ẑ_{i+1} = W_i z_i + b_i + Σ_j (S_ij z_j + b_ij),     f(x') = ẑ_k,
     I⁻ (u ≤ 0): z = 0;   I⁺ (l ≥ 0): z = ẑ;   I (l < 0 < u): one binary a:  z ≥ ẑ, z ≥ 0, z ≤ u·a, z ≤ ẑ − l(1 − a).
 
-It is exact for any valid l, u; tighter ones (``intermediate="progressive"``: interval ∩ dual, then an
-LP per unstable neuron on the LP relaxation of this system, like MIPVerify) make it faster. Each row
-``c`` of ``C`` is minimised (lower bound) and ``−c`` minimised (upper bound) per example, by one solver
-adapter (:mod:`polytope_lab.solvers`: HiGHS keeps its model and only changes costs; CBC re-solves).
+It is exact for any valid l, u; tighter ones (``intermediate="progressive"``: interval ∩ dual, then an LP
+per unstable neuron on the LP relaxation of this system, like MIPVerify) make it faster. Each row ``c`` of
+``C`` is minimised (lower bound) and ``−c`` minimised (upper bound) per example, by one solver adapter
+(:mod:`polytope_lab.solvers`: HiGHS keeps its model and only changes costs; CBC re-solves).
 
 Before the MILPs a primal heuristic (:func:`polytope_lab.attacks.pgd_minimize` on the rows) gives
-verified points; each row's best is the solver's MIP start.
-
-Robustness queries (:meth:`MILPBounder.certify`) only need the sign of each margin ``f_y − f_j``: the
-solve stops as soon as it is decided (HiGHS ``objective_bound``/``objective_target``, CBC ``cutoff`` and
-``maxSolutions``), which on the paper's MNIST ConvNet is seconds per image where the exact minimum of a
-margin can take minutes.
+verified points; each row's best is the solver's MIP start. Robustness queries (:meth:`MILPBounder.certify`)
+only need the sign of each margin ``f_y − f_j``: the solve stops as soon as it is decided (HiGHS
+``objective_bound``/``objective_target``, CBC ``cutoff``, ``maxSolutions``): seconds per image on the
+paper's MNIST ConvNet, where the exact minimum of a margin can take minutes.
 
 Soundness of what is reported:
 - ``lower`` is the solver's proven bound (HiGHS ``mip_dual_bound``; CBC's optimum when it proves
@@ -26,18 +24,19 @@ Soundness of what is reported:
   of that bound and the intermediate bounder's own sound bound (CBC reports no bound: the latter alone).
   With a cutoff (``objective_bound``) HiGHS's dual bound can exceed the true minimum: all that is then
   proven is "no solution below the cutoff" (the adapter reports ``min(bound, cutoff)``).
-- every incumbent is a witness: its input is checked against the box (``WITNESS_TOL``), projected onto
-  it and run through the network in float64; the attained value ``c f(x')`` is reported (``min_value``),
-  never the solver's objective. A witness outside the box makes the row's status
-  ``"error: witness outside the region"`` and its bound falls back to the intermediate bounder's.
-- "optimal" only when the solver proves it; otherwise "time_limit", "infeasible" (numerical trouble:
-  the region is never empty) or "error: …", and the bounds are the sound fallbacks.
+- every incumbent is a witness: its input is checked against the box (``WITNESS_TOL``), projected onto it
+  and run through the network in float64; the attained value ``c f(x')`` is reported (``min_value``), never
+  the solver's objective. A witness outside the box makes the row's status ``"error: witness outside the
+  region"`` and its bound falls back to the intermediate bounder's.
+- "optimal" only when the solver proves it; otherwise "time_limit", "infeasible" (numerical trouble: the
+  region is never empty) or "error: …", and the bounds are the sound fallbacks.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -57,8 +56,7 @@ DECIDE = SLACK_FACTOR * SOLVER_TOLERANCE["mip_feasibility"]
 WITNESS_ERROR = error_status("witness outside the region")
 #: an example's status is the first of these among its rows' (errors before all of them)
 STATUS_ORDER = ("infeasible", "time_limit", "optimal")
-#: a certify row's unresolved verdict, most serious first
-VERDICT_ORDER = ("time_limit", "unknown")
+VERDICT_ORDER = ("time_limit", "unknown")     # a certify row's unresolved verdict, most serious first
 
 __all__ = ["MILPBounder", "MILPBounds", "PointSearch", "available_solvers", "SOLVERS", "WITNESS_TOL"]
 
@@ -106,19 +104,22 @@ class MILPBounds(Bounds):
 
 @dataclass
 class ExactProblem:
-    """One call's float64 copies (on the CPU) and big-M bounds: what every example's system is built from.
-    ``layers``: (l, u) per ReLU layer, (B, *shape) each; ``lower``/``upper``: the intermediate bounder's
-    sound bounds of C (the fallbacks); ``progressive``: tighten each example's layers by LPs first."""
+    """One call's float64 CPU copies and big-M bounds ``layers`` ((l, u) per ReLU layer, (B, *shape)), with
+    the fallbacks ``lower``/``upper`` (sound bounds of C); ``progressive``: tighten the layers by LPs first."""
 
     net64: Network
     reg64: Box
     C64: torch.Tensor
-    ops: list
     layers: list
     lower: torch.Tensor
     upper: torch.Tensor
     progressive: bool = False
     threads: int | None = None
+
+    @cached_property
+    def ops(self) -> list:
+        """The normal form's matrices, built on first use (an example the dual decides needs none)."""
+        return self.net64.matrices()
 
     def box(self, b: int):
         """(lo, hi) of example b, flat float64 numpy."""
@@ -246,7 +247,7 @@ class MILPBounder(Bounder):
                 layers, lower, upper = b.intermediate, b.lower, b.upper
             cpu = dict(device="cpu", dtype=torch.float64)
             net64 = network.to(**cpu)  # a detached copy: nothing below can reach the model's parameters
-        return ExactProblem(net64, region.to(**cpu), C.detach().to(**cpu), network.matrices(),
+        return ExactProblem(net64, region.to(**cpu), C.detach().to(**cpu),
                             [(l.detach().to(**cpu), u.detach().to(**cpu)) for l, u in layers],
                             lower.detach().to(**cpu), upper.detach().to(**cpu), progressive, self.threads)
 

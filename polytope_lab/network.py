@@ -90,6 +90,17 @@ class Affine(ABC):
         """Multiply-adds of one ``linear`` or ``transpose`` call on one vector (for planning); default dense."""
         return self.in_features * self.out_features
 
+    #: whether :meth:`columns` writes the columns down without calling ``linear`` (then the dual never
+    #: builds the dense matrix to gather them from)
+    direct_columns = False
+
+    def columns(self, order: torch.Tensor) -> torch.Tensor:
+        """The columns ``W e_q`` at the input units ``order`` (B, q), as (B, n_out, q). Default: ``linear``
+        on one-hot inputs; worth overriding (with ``direct_columns``) where a column can be written down."""
+        B, q = order.shape
+        E = self.bias().new_zeros(B, q, self.in_features).scatter(2, order.unsqueeze(2), 1.0)
+        return self.linear(E.reshape(B * q, *self.in_shape)).reshape(B, q, -1).transpose(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.bias()
 
@@ -133,6 +144,11 @@ class LinearOp(Affine):
 
     def as_matrix(self):
         return sp.csr_matrix(self.weight.detach().double().cpu().numpy())
+
+    direct_columns = True
+
+    def columns(self, order):
+        return self.weight[:, order].permute(1, 0, 2)
 
     def to(self, device=None, dtype=None):
         return LinearOp(self.weight.to(device=device, dtype=dtype), self.bias().to(device=device, dtype=dtype),
@@ -213,6 +229,30 @@ class Conv2dOp(Affine):
     def cost(self):
         return self.out_features * self.weight[0].numel()
 
+    direct_columns = True
+
+    def columns(self, order):
+        """Written down: input unit (c, h, w) meets kernel tap (i, j) at the output position (oh, ow) with
+        ``oh·s + i·d − p = h`` (and the same across), where its column holds ``W[:, c, i, j]``."""
+        B, q = order.shape
+        (c_in, h_in, w_in), (c_out, oh, ow) = self.in_shape, self.out_shape
+        kh, kw = self._w.shape[2:]
+        taps, positions = kh * kw, oh * ow
+        c, h, w = order // (h_in * w_in), order // w_in % h_in, order % w_in                 # (B, q) each
+        k = torch.arange(taps, device=order.device)
+        rows = h.unsqueeze(2) + self.padding[0] - (k // kw) * self.dilation[0]              # oh·s, (B, q, K)
+        cols = w.unsqueeze(2) + self.padding[1] - (k % kw) * self.dilation[1]
+        i, j = rows.div(self.stride[0], rounding_mode="floor"), cols.div(self.stride[1], rounding_mode="floor")
+        hit = (rows % self.stride[0] == 0) & (cols % self.stride[1] == 0) & (i >= 0) & (i < oh) & (j >= 0) & (j < ow)
+        channel = torch.arange(c_out, device=order.device) * positions                     # (C_out,)
+        flat = i * ow + j                                                                    # (B, q, K)
+        index = torch.where(hit.unsqueeze(3), flat.unsqueeze(3) + channel, c_out * positions)  # (B, q, K, C_out)
+        kernel = self.weight.permute(1, 2, 3, 0).reshape(c_in * taps, c_out)                # row c·K + k
+        values = kernel[c.unsqueeze(2) * taps + k]                                           # (B, q, K, C_out)
+        out = values.new_zeros(B, q, c_out * positions + 1)   # the last entry takes the taps off the output
+        out = out.scatter(2, index.reshape(B, q, -1), values.reshape(B, q, -1))
+        return out[:, :, :-1].transpose(1, 2)
+
 
 class ChannelAffineOp(Affine):
     """Per-channel (dim 0 of the shape) scale and shift: eval-mode BatchNorm.
@@ -288,117 +328,6 @@ class IdentityOp(Affine):
     @property
     def cost(self):
         return self.in_features
-
-
-class ComposedOp(Affine):
-    """Consecutive affine maps with no ReLU between them, applied in order."""
-
-    def __init__(self, parts):
-        self.parts = list(parts)
-        self.in_shape, self.out_shape = self.parts[0].in_shape, self.parts[-1].out_shape
-
-    def linear(self, x):
-        for p in self.parts:
-            x = p.linear(x)
-        return x
-
-    def transpose(self, y):
-        for p in reversed(self.parts):
-            y = p.transpose(y)
-        return y
-
-    def bias(self):
-        b = self.parts[0].bias()
-        for p in self.parts[1:]:
-            b = p.forward(b.unsqueeze(0))[0]
-        return b
-
-    def interval(self, center, radius):
-        for p in self.parts:
-            center, radius = p.interval(center, radius)
-        return center, radius
-
-    def as_matrix(self):
-        m = self.parts[0].as_matrix()
-        for p in self.parts[1:]:
-            m = p.as_matrix() @ m
-        return m.tocsr()
-
-    def to(self, device=None, dtype=None):
-        return ComposedOp([p.to(device, dtype) for p in self.parts])
-
-    @property
-    def cost(self):
-        return sum(p.cost for p in self.parts)
-
-
-class SumOp(Affine):
-    """Affine maps of the same input added: ``x -> Σ_p (W_p x + b_p)`` (paths that meet again).
-    Its interval image adds the parts' images: sound, and exact unless the parts' signs cancel."""
-
-    def __init__(self, parts):
-        self.parts = list(parts)
-        self.in_shape, self.out_shape = self.parts[0].in_shape, self.parts[0].out_shape
-        for p in self.parts[1:]:
-            if p.in_features != self.in_features or p.out_features != self.out_features:
-                raise ValueError(f"cannot add affine maps {p.in_shape}->{p.out_shape} and "
-                                 f"{self.in_shape}->{self.out_shape}")
-
-    def linear(self, x):
-        return sum(p.linear(x).reshape(x.shape[0], *self.out_shape) for p in self.parts)
-
-    def transpose(self, y):
-        return sum(p.transpose(y).reshape(y.shape[0], *self.in_shape) for p in self.parts)
-
-    def bias(self):
-        return sum(p.bias().reshape(self.out_shape) for p in self.parts)
-
-    def interval(self, center, radius):
-        images = [p.interval(center, radius) for p in self.parts]
-        B = center.shape[0]
-        return (sum(c.reshape(B, *self.out_shape) for c, _ in images),
-                sum(r.reshape(B, *self.out_shape) for _, r in images))
-
-    def as_matrix(self):
-        return sum(p.as_matrix() for p in self.parts).tocsr()
-
-    def to(self, device=None, dtype=None):
-        return SumOp([p.to(device, dtype) for p in self.parts])
-
-    @property
-    def cost(self):
-        return sum(p.cost for p in self.parts)
-
-
-class LinearPartOp(Affine):
-    """``x -> W x``: an operator without its bias (an affine map applied to a sum adds its bias once)."""
-
-    def __init__(self, op: Affine):
-        self.op = op
-        self.in_shape, self.out_shape = op.in_shape, op.out_shape
-
-    def linear(self, x):
-        return self.op.linear(x)
-
-    def transpose(self, y):
-        return self.op.transpose(y)
-
-    def bias(self):
-        return torch.zeros_like(self.op.bias())
-
-    def interval(self, center, radius):
-        c, r = self.op.interval(center, radius)
-        return c - self.op.bias(), r
-
-    def as_matrix(self):
-        return self.op.as_matrix()
-
-    def to(self, device=None, dtype=None):
-        return LinearPartOp(self.op.to(device, dtype))
-
-    @property
-    def cost(self):
-        return self.op.cost
 
 
 class Network:
@@ -495,5 +424,4 @@ class Network:
         return self.affines[0].bias().dtype
 
 
-__all__ = ["Network", "Affine", "LinearOp", "Conv2dOp", "ChannelAffineOp", "IdentityOp", "ComposedOp", "SumOp",
-           "LinearPartOp"]
+__all__ = ["Network", "Affine", "LinearOp", "Conv2dOp", "ChannelAffineOp", "IdentityOp"]

@@ -28,7 +28,8 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 from .convert import Builder, Expression, register_layer
-from .network import Affine, ComposedOp, Conv2dOp, IdentityOp, LinearOp, Network, numel
+from .composite import ComposedOp
+from .network import Affine, Conv2dOp, IdentityOp, LinearOp, Network, numel
 from .onnx_ops import ElementwiseOp, IndexOp, ScatterOp, simplify
 from .onnx_constants import (CONSTANT_OPS, REARRANGE_OPS, SUPPORTED_OPS, as_constant, attributes, conv_pads,
                              evaluate_constant, pad_widths, unsupported)

@@ -14,7 +14,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .network import Affine, ComposedOp, Conv2dOp, IdentityOp, LinearOp, LinearPartOp, SumOp, numel
+from .composite import ComposedOp, LinearPartOp, SumOp
+from .network import Affine, Conv2dOp, IdentityOp, LinearOp, numel
 
 
 class ElementwiseOp(Affine):

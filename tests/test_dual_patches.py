@@ -94,6 +94,26 @@ def test_deviation_equals_the_regions_on_dense_rows(name):
         torch.testing.assert_close(rows.deviation(region), region.deviation(J), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_one_convolution_as_patches_is_its_matrix(name):
+    """The first frontier's patches (one conv, shared by the batch) equal the conv's matrix, and their
+    products and deviations broadcast over a batch of two."""
+    in_shape, specs = CHAINS[name]
+    op = conv_chain(in_shape, specs)[0]
+    rows = patches.conv_jacobian([op], [])
+    n = op.in_features
+    W = op.linear(torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)).reshape(n, -1).t()
+    assert rows.shape == (1, *W.shape)
+    torch.testing.assert_close(rows.dense()[0], W, rtol=0, atol=1e-12)
+    x = torch.rand(2, *in_shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    eps = torch.tensor([0.1, 0.3], dtype=torch.float64)
+    for region in (pl.LinfBall(x, eps), pl.LinfBall(x, eps, clip=(0.0, 1.0)), pl.L2Ball(x, eps)):
+        torch.testing.assert_close(rows.deviation(region), region.deviation(W.unsqueeze(0)), rtol=0, atol=1e-12)
+    if rows.foldable:
+        M = torch.randn(2, 3, W.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        torch.testing.assert_close(rows.left_multiply(M), M @ W, rtol=0, atol=1e-12)
+
+
 def test_chains_the_arithmetic_does_not_cover_are_not_eligible():
     square = CHAINS["k3s1-k3s2"]
     assert patches.cost(conv_chain(*square)[:1]) == 0                        # one conv: nothing to chain

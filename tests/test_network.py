@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import polytope_lab as pl
-from polytope_lab.network import ChannelAffineOp, ComposedOp, Conv2dOp, IdentityOp, LinearOp
+from polytope_lab.composite import ComposedOp
+from polytope_lab.network import ChannelAffineOp, Conv2dOp, IdentityOp, LinearOp
 
 DT = torch.float64
 
@@ -158,6 +159,32 @@ def test_conv_transpose_matches_autograd(case):
     x = torch.zeros(3, *op.in_shape, dtype=DT, requires_grad=True)
     (grad,) = torch.autograd.grad((F.conv2d(x, w, None, s, p, d) * y).sum(), x)
     torch.testing.assert_close(op.transpose(y), grad, rtol=1e-10, atol=1e-10)
+
+
+@op_params
+def test_columns_are_the_matrix_columns(name):
+    """``columns`` at any units, repeats included, is the dense matrix's columns there: written down (conv,
+    linear, a BatchNorm folded into a conv) or through ``linear`` (the default)."""
+    op = OPS[name]
+    order = torch.randint(0, op.in_features, (3, 7), generator=_g(11))
+    expected = _dense_from_linear(op)[:, order].permute(1, 0, 2)                  # (B, n_out, q)
+    torch.testing.assert_close(op.columns(order), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_columns_carry_the_weights_gradient(case):
+    """Written-down columns are differentiable in the kernel (robust training bounds through them)."""
+    op, (w, b, s, p, d) = _conv_op(case)
+    w = w.clone().requires_grad_(True)
+    op = Conv2dOp(w, b, op.in_shape, s, p, d,
+                  post=ChannelAffineOp(torch.rand(w.shape[0], dtype=DT) + 0.5, torch.zeros(w.shape[0], dtype=DT),
+                                       op.out_shape))
+    order = torch.randint(0, op.in_features, (2, 5), generator=_g(12))
+    weights = torch.randn(2, op.out_features, 5, generator=_g(13), dtype=DT)
+    (direct,) = torch.autograd.grad((op.columns(order) * weights).sum(), w)
+    (through_linear,) = torch.autograd.grad((pl.network.Affine.columns(op, order) * weights).sum(), w)
+    assert direct.abs().max() > 0
+    torch.testing.assert_close(direct, through_linear, rtol=0, atol=1e-12)
 
 
 @op_params

@@ -152,7 +152,7 @@ class Search:
         P = self.C.shape[0]
         roots = [Node(p, -math.inf, lo=self.lo, hi=self.hi) if self.input_mode else
                  Node(p, -math.inf, signs=torch.zeros(sum(self.sizes), dtype=torch.int8)) for p in range(P)]
-        self.bound(roots, 0 if self.decide else self.s.root_steps)
+        self.bound(roots, 0 if self.decide else self.s.root_steps, roots=True)
         if self.decide:   # cheapest first: fixed-α dual, optimised α/β, the attack, then tightened bounds
             self.root_stage(False)
             self.run_attack()
@@ -171,7 +171,7 @@ class Search:
         if tighten:
             self.tighten()
         roots = [heapq.heappop(self.heap)[2] for _ in range(len(self.heap))]
-        self.bound(roots, self.s.root_steps)
+        self.bound(roots, self.s.root_steps, roots=True)
 
     def run_attack(self):
         """PGD with restarts on the problems with open subdomains; its points are offered as incumbents."""
@@ -260,9 +260,11 @@ class Search:
 
     # ---------------------------------------------------------------- bounding a batch
 
-    def bound(self, nodes: list, steps: int):
+    def bound(self, nodes: list, steps: int, roots: bool = False):
         """Bound ``nodes`` (one batched dual per step), check their relaxation minimisers, choose their
-        branching, and push the open ones."""
+        branching, and push the open ones. ``roots``: the nodes are the roots, whose subdomain is the whole
+        box: once all are closed in decide mode, no point of the box can be a counterexample, and nothing
+        more is done."""
         if not nodes:
             return
         self.visited += len(nodes)
@@ -289,6 +291,11 @@ class Search:
                              budget=self.budget)
         values = (out.lower - offset).amax(1)
         still_open = torch.tensor([max(n.lower, float(v)) <= self.threshold(n.p) for n, v in zip(nodes, values.tolist())])
+        if roots and self.decide and not still_open.any():
+            for node, v in zip(nodes, values.tolist()):
+                node.lower = max(node.lower, v)
+                self.push(node)                                             # closes it
+            return
         self.candidates(nodes, out.omega_input, lo, hi, C, offset, still_open)
         branch = self.input_branch(out.omega_input, lo, hi) if self.input_mode else self.relu_branch(out, bounds, signs)
         if not self.input_mode:

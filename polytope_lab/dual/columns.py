@@ -18,23 +18,24 @@ def basis(n: int, start: int, count: int, device, dtype) -> torch.Tensor:
 
 
 def matrix_transpose(A: Affine, device, dtype) -> torch.Tensor:
-    """``Wᵀ`` (n_in, n_out) of A's linear part: A applied to the identity (row q = column q of W)."""
+    """``Wᵀ`` (n_in, n_out) of A's linear part: every column written down (``A.direct_columns``), else A
+    applied to the identity (row q = column q of W)."""
+    if A.direct_columns:
+        return A.columns(torch.arange(A.in_features, device=device).unsqueeze(0))[0].t()
     eye = torch.eye(A.in_features, device=device, dtype=dtype).reshape(A.in_features, *A.in_shape)
     return A.linear(eye).reshape(A.in_features, -1)
 
 
 def unit_columns(A: Affine, order: torch.Tensor, budget: int) -> torch.Tensor:
-    """Columns ``order`` (B, q) of A's matrix as (B, n_out, q): a gather from the dense matrix, or A
-    applied to one-hot inputs when that takes fewer operator calls (``budget`` = B·q)."""
-    B, q = order.shape
+    """Columns ``order`` (B, q) of A's matrix as (B, n_out, q): a gather from the dense matrix when there
+    are at least as many as its columns (``budget`` = B·q), else :meth:`~polytope_lab.network.Affine.columns`
+    (written down for a convolution, one-hot inputs through A in general)."""
     if isinstance(A, LinearOp):
-        return A.weight[:, order].permute(1, 0, 2)
-    n_in = A.in_features
+        return A.columns(order)
     ref = A.bias()
-    if n_in <= budget and n_in * A.out_features <= MAX_DENSE:
+    if A.in_features <= budget and A.in_features * A.out_features <= MAX_DENSE:
         return matrix_transpose(A, ref.device, ref.dtype)[order].transpose(1, 2)
-    E = ref.new_zeros(B, q, n_in).scatter(2, order.unsqueeze(2), 1.0)
-    return A.linear(E.reshape(B * q, *A.in_shape)).reshape(B, q, -1).transpose(1, 2)
+    return A.columns(order)
 
 
 def apply(A: Affine, M: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,16 @@ from ..network import Network
 from ..regions import Region
 
 
+def first_columns(A, x) -> torch.Tensor | patches.PatchRows:
+    """``A_1·I`` (1, n_1, n_0): receptive-field patches for a convolution they fit (cheaper to build and to
+    bound: a row has one kernel's entries), else the dense matrix."""
+    if patches.eligible([A]):
+        rows = patches.conv_jacobian([A], [])
+        if rows.foldable:
+            return rows
+    return matrix_transpose(A, x.device, x.dtype).t().unsqueeze(0)
+
+
 class Frontier:
     """Algorithm 1's forward state at the output of affine ``layer`` (ẑ_s), in row layout.
 
@@ -45,7 +55,7 @@ class Frontier:
         self.h = A.forward(region.center).reshape(B, -1)
         self.F = self.S = self.S2 = self.shift = self.scale = None
         if proj is None or proj >= n0:
-            self.F = matrix_transpose(A, x.device, x.dtype).t().unsqueeze(0)   # (1, n_1, n0): A_1·I
+            self.F = first_columns(A, x)                                       # (1, n_1, n0): A_1·I
         else:  # S (L∞) or S2 (L2): A_1 applied to k random combinations of the input coordinates
             sketch = sketch_input(region, n0, proj, generator)
             S = A.linear(sketch.R.reshape(-1, *network.input_shape)).reshape(-1, proj, A.out_features)

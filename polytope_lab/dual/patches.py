@@ -99,12 +99,12 @@ class PatchRows:
         B = region.batch_size
         if isinstance(region, L2Ball):
             inside = self.window(region.x.new_ones(1, *self.in_shape))
-            return region.eps[:, None] * (self.P.square() * inside).sum(-1).sqrt().reshape(B, -1)
+            return region.eps[:, None] * (self.P.square() * inside).sum(-1).sqrt().flatten(1)
         if not isinstance(region, Box):
             return region.deviation(self.dense())
         if region.cubic:
             inside = self.window(region.x.new_ones(1, *self.in_shape))
-            return region.eps[:, None] * (self.P.abs() * inside).sum(-1).reshape(B, -1)
+            return region.eps[:, None] * (self.P.abs() * inside).sum(-1).flatten(1)
         return (self.P.abs() * self.window(region.radius)).sum(-1).reshape(B, -1)
 
     def left_multiply(self, M: torch.Tensor) -> torch.Tensor:
@@ -157,12 +157,13 @@ def conv_jacobian(convs, slopes) -> PatchRows:
     """``W_i D_{i−1} … D_1 W_1`` (B, n_i, n_0) as patches, for Conv2dOps ``convs`` and ReLU slopes ``slopes``.
 
     ``slopes[j]``: (B, *convs[j].out_shape), the diagonal of D after convs[j], for j < len(convs) − 1.
+    One convolution alone gives its own matrix, shared by the batch (B = 1).
     """
     top = convs[-1]
     c_top, oh, ow = top.out_shape
     stages = receptive_fields(convs)
-    # rows as patches on the top conv's input: the kernel at every position          # (1, c_top, 1, C*k*k)
-    P = top.weight.reshape(1, c_top, 1, -1)
+    # rows as patches on the top conv's input: the kernel at every position          # (1, c_top, L, C*k*k)
+    P = top.weight.reshape(1, c_top, 1, -1).expand(1, c_top, oh * ow, -1)
     for t, conv in enumerate(reversed(convs[:-1])):
         k, s, p = stages[t]
         D = unfold_windows(slopes[len(convs) - 2 - t], k, s, p, (oh, ow))                 # (B, L, C*k*k)
