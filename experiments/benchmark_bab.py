@@ -120,7 +120,7 @@ def stored_runs(store, piece, limit, n, ones: dict, resume: bool) -> dict:
                 before = BaBBounder.subdomains_bounded
                 record = one(i)
                 record.update(piece=piece, backend=backend, time_limit=limit, example=i,
-                              subdomains=BaBBounder.subdomains_bounded - before)
+                              subdomains=BaBBounder.subdomains_bounded - before, peak_rss_mib=peak_rss_mib())
                 store.put(key, record)
             records[backend].append(store.get(key))
     return records
@@ -146,13 +146,18 @@ def side_by_side(piece: str, what: str, records: dict, limit: float, subset=None
 
 
 def resources(piece: str, records: dict, rss_before: float) -> list:
+    """Subdomains per second and peak memory. The peak is the largest the records carry (the process's peak
+    when each was run), so a resumed piece reports the run that measured it; NaN if none carries one."""
     bab = records["bab"]
     seconds, subdomains = sum(r["seconds"] for r in bab), sum(r["subdomains"] for r in bab)
+    peaks = [r["peak_rss_mib"] for b in records for r in records[b] if r.get("peak_rss_mib") is not None]
+    peak = max(peaks) if peaks else float("nan")
     return [{"part": "l", "quantity": f"{piece}: BaB subdomains per second", "polytope_lab":
              subdomains / seconds if seconds > 0 else float("nan"),
              "note": f"{subdomains} subdomains bounded in {seconds:.3g} s of BaB wall time (root and attack included)"},
-            {"part": "l", "quantity": f"{piece}: peak resident memory, MiB", "polytope_lab": peak_rss_mib(),
-             "note": f"whole process, monotone over the run ({rss_before:.0f} MiB before the piece)"}]
+            {"part": "l", "quantity": f"{piece}: peak resident memory, MiB", "polytope_lab": peak,
+             "note": f"whole process, monotone over the run ({rss_before:.0f} MiB before the piece in this run)"
+                     if peaks else "not recorded: every record comes from a run that did not store it"}]
 
 
 # ---------------------------------------------------------------------------------------------- pieces

@@ -39,3 +39,5 @@ def test_part_l_quick_and_resume(tmp_path, monkeypatch):
     again = benchmark.main(argv + ["--resume"]).set_index("quantity")
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "bab_per_example.csv"), per)
     assert again.loc["pretrained: same verdicts where both decided", "polytope_lab"] == "yes"
+    memory = "mnistfc: peak resident memory, MiB"   # resumed: the peak of the run that measured it
+    assert again.loc[memory, "polytope_lab"] == df.loc[memory, "polytope_lab"] > 0
